@@ -1,0 +1,81 @@
+"""One plotting style and the helpers that show a figure or a table with its caption.
+
+Every figure and table of the course is shown through :func:`show_figure` or
+:func:`show_table`, which display the caption (``图N: …`` / ``表N: …``) as
+Markdown text output in the same cell as the image or the HTML table, so the
+executed notebook, the book and the syllabus line up. Plot text is English (the
+default fonts have no CJK glyphs; captions carry the Chinese).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import matplotlib
+import matplotlib.figure
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from utils.validation import check_type
+
+CAPTION_RE = re.compile(r"^(图|表)\d+\s*[:：]\s*\S")
+PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C"]
+
+
+def set_style() -> None:
+    """Apply the course's matplotlib style (idempotent)."""
+    plt.rcParams.update({
+        "figure.figsize": (7.0, 4.0),
+        "figure.dpi": 100,
+        "savefig.dpi": 100,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
+        "font.size": 10,
+        "legend.frameon": False,
+    })
+
+
+def _check_caption(caption: str) -> None:
+    check_type("caption", caption, str)
+    if not CAPTION_RE.match(caption):
+        raise ValueError(f"caption must look like '图N: title' or '表N: title', got {caption!r}")
+
+
+def _display(obj: Any) -> None:
+    try:
+        from IPython.display import display
+    except ImportError:  # plain Python: print instead
+        print(obj)
+        return
+    display(obj)
+
+
+def show_figure(fig: matplotlib.figure.Figure, caption: str, note: str | None = None) -> None:
+    """Display ``caption`` (bold Markdown), the figure, and an optional note; then close it."""
+    from IPython.display import Markdown
+
+    check_type("fig", fig, matplotlib.figure.Figure)
+    _check_caption(caption)
+    _display(Markdown(f"**{caption}**"))
+    _display(fig)
+    if note:
+        _display(Markdown(note))
+    plt.close(fig)
+
+
+def show_table(df: pd.DataFrame, caption: str, *, digits: int = 2, note: str | None = None) -> pd.DataFrame:
+    """Display ``caption`` and ``df`` as an HTML table (floats rounded to ``digits``); return ``df``."""
+    from IPython.display import HTML, Markdown
+
+    check_type("df", df, pd.DataFrame)
+    _check_caption(caption)
+    _display(Markdown(f"**{caption}**"))
+    styled = df.style.format(precision=digits, thousands=",", na_rep="—")
+    _display(HTML(styled.to_html()))
+    if note:
+        _display(Markdown(note))
+    return df

@@ -53,7 +53,9 @@ def test_nonzero_counts_pruning_masks():
 
 
 def test_latency_reports_median_and_threads():
-    lat = benchmark.measure_latency(nn.Linear(8, 8), torch.zeros(4, 8), warmup=1, repeats=7, threads=1)
+    lat = benchmark.measure_latency(
+        nn.Linear(8, 8), torch.zeros(4, 8), warmup=1, repeats=7, threads=1
+    )
     assert lat.repeats == 7 and lat.threads == 1 and lat.batch_size == 4
     assert 0 < lat.p10_ms <= lat.median_ms <= lat.p90_ms
     assert lat.throughput == pytest.approx(4000 / lat.median_ms)
@@ -85,8 +87,18 @@ def test_benchmark_bad_input():
 
 
 def test_benchmark_model_row():
-    row = benchmark.benchmark_model(models.LeNet300100(), (1, 28, 28), batch_sizes=(1, 4), repeats=3, warmup=1)
-    assert {"size_kb", "params", "nonzero", "macs", "latency_b1_ms", "latency_b4_ms", "threads"} <= set(row)
+    row = benchmark.benchmark_model(
+        models.LeNet300100(), (1, 28, 28), batch_sizes=(1, 4), repeats=3, warmup=1
+    )
+    assert {
+        "size_kb",
+        "params",
+        "nonzero",
+        "macs",
+        "latency_b1_ms",
+        "latency_b4_ms",
+        "threads",
+    } <= set(row)
     assert row["macs"] == 266_200
 
 
@@ -95,7 +107,9 @@ def test_layer_table_intensity():
     assert list(df["layer"]) == ["fc1", "fc2", "fc3"]
     fc1 = df.iloc[0]
     assert fc1["weight_bytes"] == (784 * 300 + 300) * 4
-    assert fc1["intensity"] == pytest.approx(2 * 784 * 300 / (fc1["weight_bytes"] + (784 + 300) * 4))
+    assert fc1["intensity"] == pytest.approx(
+        2 * 784 * 300 / (fc1["weight_bytes"] + (784 + 300) * 4)
+    )
 
 
 # --- roofline ---------------------------------------------------------------
@@ -120,7 +134,8 @@ def test_show_helpers_check_captions(capsys):
         plotting.show_figure(fig, "Figure 1: no")
     plotting.show_figure(fig, "图1: 推理加速的基本原理示意图")
     df = pd.DataFrame({"a": [1.234]})
-    assert plotting.show_table(df, "表1: x") is df
+    assert plotting.show_table(df, "表1: x") is None
+    assert "表1: x" in capsys.readouterr().out
     with pytest.raises(TypeError, match="df"):
         plotting.show_table([1], "表1: x")
 
@@ -155,3 +170,10 @@ def test_production_bad_input():
         production.quantize_static_int8(nn.Linear(2, 2), [])
     with pytest.raises(TypeError, match="model"):
         production.quantize_dynamic_int8(None)
+
+
+def test_layer_latency_names_every_layer():
+    m = models.LeNet5()
+    times = benchmark.layer_latency(m, torch.zeros(2, 1, 28, 28), warmup=1, repeats=3)
+    assert list(times) == ["conv1", "conv2", "fc1", "fc2"]
+    assert all(t > 0 for t in times.values())

@@ -40,13 +40,25 @@ def test_device_and_seed():
         (lambda: validation.check_int("n", 0, minimum=1), ValueError, "n must be >= 1"),
         (lambda: validation.check_int("n", 9, maximum=8), ValueError, "n must be <= 8"),
         (lambda: validation.check_float("t", float("nan")), ValueError, "t must be finite"),
-        (lambda: validation.check_float("t", 0.0, 0.0, min_inclusive=False), ValueError, "t must be > 0"),
+        (
+            lambda: validation.check_float("t", 0.0, 0.0, min_inclusive=False),
+            ValueError,
+            "t must be > 0",
+        ),
         (lambda: validation.check_float("t", "1"), TypeError, "t must be a number"),
-        (lambda: validation.check_choice("c", "x", ("a", "b")), ValueError, r"c must be one of \['a', 'b'\]"),
+        (
+            lambda: validation.check_choice("c", "x", ("a", "b")),
+            ValueError,
+            r"c must be one of \['a', 'b'\]",
+        ),
         (lambda: validation.check_module("m", 3), TypeError, "m must be a torch.nn.Module"),
         (lambda: validation.check_tensor("x", [1]), TypeError, "x must be a torch.Tensor"),
         (lambda: validation.check_tensor("x", torch.ones(2), ndim=2), ValueError, "2 dimensions"),
-        (lambda: validation.check_tensor("x", torch.tensor([float("inf")]), finite=True), ValueError, "finite"),
+        (
+            lambda: validation.check_tensor("x", torch.tensor([float("inf")]), finite=True),
+            ValueError,
+            "finite",
+        ),
         (lambda: validation.check_type("s", 1, str), TypeError, "s must be str"),
     ],
 )
@@ -86,8 +98,12 @@ def test_loaders_are_reproducible():
 
 @pytest.mark.parametrize(
     ("kwargs", "exc"),
-    [({"name": "imagenet"}, ValueError), ({"fractions": (0.5, 0.5)}, ValueError),
-     ({"train_fraction": 0.0}, ValueError), ({"seed": "0"}, TypeError)],
+    [
+        ({"name": "imagenet"}, ValueError),
+        ({"fractions": (0.5, 0.5)}, ValueError),
+        ({"train_fraction": 0.0}, ValueError),
+        ({"seed": "0"}, TypeError),
+    ],
 )
 def test_load_splits_bad_input(kwargs, exc):
     with pytest.raises(exc):
@@ -150,8 +166,13 @@ def test_fit_learns_and_is_deterministic():
     def run():
         config.seed_everything(0)
         m = models.LeNet300100(64)
-        hist = training.fit(m, data.make_loader(s.train, 64, shuffle=True), epochs=3,
-                            val_loader=data.make_loader(s.val, 256), progress=False)
+        hist = training.fit(
+            m,
+            data.make_loader(s.train, 64, shuffle=True),
+            epochs=3,
+            val_loader=data.make_loader(s.val, 256),
+            progress=False,
+        )
         return m, hist
 
     m1, h1 = run()
@@ -173,7 +194,9 @@ def test_fit_hooks_are_called():
         calls["step"] += 1
 
     loader = data.make_loader(s.train, 128)
-    training.fit(models.LeNet300100(64), loader, epochs=1, compute_loss=loss, after_step=step, progress=False)
+    training.fit(
+        models.LeNet300100(64), loader, epochs=1, compute_loss=loss, after_step=step, progress=False
+    )
     assert calls["loss"] == calls["step"] == len(loader)
 
 
@@ -223,7 +246,10 @@ def test_load_baseline_is_cached(tmp_cache):
     files = list(tmp_cache.glob("*.pt"))
     assert len(files) == 1
     m2 = cache.load_baseline("lenet300", "digits", epochs=2)
-    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True)
+    )
     assert cache.baseline_accuracy(m2, "digits") > 80
     with pytest.raises(ValueError, match="model must be one of"):
         cache.load_baseline("alexnet")

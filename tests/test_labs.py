@@ -52,8 +52,13 @@ def _check_cells(nb: nbformat.NotebookNode) -> list[int]:
 
 
 def _execute(nb: nbformat.NotebookNode, folder: Path) -> nbformat.NotebookNode:
-    client = NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=True,
-                            resources={"metadata": {"path": str(folder)}})
+    client = NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        allow_errors=True,
+        resources={"metadata": {"path": str(folder)}},
+    )
     client.execute()
     return nb
 
@@ -71,7 +76,11 @@ def test_checks_pass_on_solution_and_fail_on_student_version(path: Path):
     student = make_student(solution)
     for cell in student.cells:  # the stubs are valid Python
         if cell.cell_type == "code":
-            ast.parse("\n".join(ln for ln in cell.source.splitlines() if not ln.lstrip().startswith(("%", "!"))))
+            ast.parse(
+                "\n".join(
+                    ln for ln in cell.source.splitlines() if not ln.lstrip().startswith(("%", "!"))
+                )
+            )
 
     ran = _execute(solution, path.parent)
     failed = [i for i, c in enumerate(ran.cells) if c.cell_type == "code" and _errored(c)]
@@ -79,4 +88,6 @@ def test_checks_pass_on_solution_and_fail_on_student_version(path: Path):
 
     ran_student = _execute(student, ROOT / "labs")
     passing = [i for i in checks if not _errored(ran_student.cells[i])]
-    assert passing == [], f"{path.name}: check cells {passing} pass on the untouched student version"
+    assert passing == [], (
+        f"{path.name}: check cells {passing} pass on the untouched student version"
+    )

@@ -63,8 +63,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_callable(fn: Callable[[], Any], *, warmup: int = 5, repeats: int = 20,
-                  device: torch.device | None = None) -> list[float]:
+def time_callable(
+    fn: Callable[[], Any], *, warmup: int = 5, repeats: int = 20, device: torch.device | None = None
+) -> list[float]:
     """Run ``fn`` ``warmup`` times untimed, then return ``repeats`` wall times in ms."""
     if not callable(fn):
         raise TypeError("fn must be callable")
@@ -92,7 +93,9 @@ def summarize(times_ms: Sequence[float], batch_size: int, threads: int) -> Laten
     def pct(q: float) -> float:
         return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
-    return Latency(statistics.median(ordered), pct(0.1), pct(0.9), batch_size, threads, len(ordered))
+    return Latency(
+        statistics.median(ordered), pct(0.1), pct(0.9), batch_size, threads, len(ordered)
+    )
 
 
 def measure_latency(
@@ -144,10 +147,12 @@ def count_nonzero(model: nn.Module) -> int:
             continue
         total += int((p != 0).sum())
     for mod in model.modules():
-        for bname, b in mod.named_buffers(recurse=False):
+        for bname, _buf in mod.named_buffers(recurse=False):
             if bname.endswith("_mask"):
                 total += int((getattr(mod, bname[: -len("_mask")]) != 0).sum())
-    total += sum(int((t.int_repr() if t.is_quantized else t).ne(0).sum()) for t in _packed_weights(model))
+    total += sum(
+        int((t.int_repr() if t.is_quantized else t).ne(0).sum()) for t in _packed_weights(model)
+    )
     return total
 
 
@@ -216,6 +221,7 @@ def layer_table(model: nn.Module, example: Tensor):
     hooks = []
     for name, mod in model.named_modules():
         if _is_conv(mod) or _is_linear(mod):
+
             def hook(m: nn.Module, inputs: tuple, out: Tensor, name: str = name) -> None:
                 x = inputs[0]
                 n_w = sum(p.numel() for p in m.parameters(recurse=False))
@@ -223,9 +229,19 @@ def layer_table(model: nn.Module, example: Tensor):
                 w_bytes = n_w * 4
                 a_bytes = (x.numel() + out.numel()) * 4
                 macs = _layer_macs(m, x, out)
-                rows.append({"layer": name, "type": type(m).__name__, "out_shape": tuple(out.shape),
-                             "macs": macs, "params": w_bytes // 4, "weight_bytes": w_bytes,
-                             "act_bytes": a_bytes, "intensity": 2 * macs / (w_bytes + a_bytes)})
+                rows.append(
+                    {
+                        "layer": name,
+                        "type": type(m).__name__,
+                        "out_shape": tuple(out.shape),
+                        "macs": macs,
+                        "params": w_bytes // 4,
+                        "weight_bytes": w_bytes,
+                        "act_bytes": a_bytes,
+                        "intensity": 2 * macs / (w_bytes + a_bytes),
+                    }
+                )
+
             hooks.append(mod.register_forward_hook(hook))
     was_training = model.training
     model.eval()
@@ -236,8 +252,19 @@ def layer_table(model: nn.Module, example: Tensor):
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return pd.DataFrame(rows, columns=["layer", "type", "out_shape", "macs", "params",
-                                       "weight_bytes", "act_bytes", "intensity"])
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "layer",
+            "type",
+            "out_shape",
+            "macs",
+            "params",
+            "weight_bytes",
+            "act_bytes",
+            "intensity",
+        ],
+    )
 
 
 def benchmark_model(
@@ -282,3 +309,40 @@ def benchmark_model(
     if loader is not None:
         row["accuracy"] = evaluate(model, loader)["accuracy"]
     return row
+
+
+def layer_latency(
+    model: nn.Module, example: Tensor, *, warmup: int = 3, repeats: int = 10
+) -> dict[str, float]:
+    """Median latency (ms) of every Conv2d/Linear layer, each timed alone on the input it sees.
+
+    The inputs are captured with forward hooks during one pass of ``example``; then
+    each layer is timed in isolation. The sum is a little less than the model's
+    latency: the gap is the cheap layers (BN, ReLU, pooling) and framework overhead.
+    """
+    check_module("model", model)
+    check_tensor("example", example)
+    inputs: dict[str, Tensor] = {}
+    mods = {n: m for n, m in model.named_modules() if _is_conv(m) or _is_linear(m)}
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, i[0].detach()))
+        for n, m in mods.items()
+    ]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    with torch.inference_mode():
+        for name, m in mods.items():
+            times = time_callable(
+                lambda m=m, x=inputs[name]: m(x),
+                warmup=warmup,
+                repeats=repeats,
+                device=example.device,
+            )
+            out[name] = statistics.median(times)
+    return out

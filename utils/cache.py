@@ -74,13 +74,25 @@ def cached_state(
     return model, path, True
 
 
-def baseline_config(model: str, dataset: str = "mnist5k", *, seed: int = 0, epochs: int | None = None,
-                    train_fraction: float = 1.0, lr: float = 1e-3, **model_kwargs: Any) -> dict[str, Any]:
+def baseline_config(
+    model: str,
+    dataset: str = "mnist5k",
+    *,
+    seed: int = 0,
+    epochs: int | None = None,
+    train_fraction: float = 1.0,
+    lr: float = 1e-3,
+    **model_kwargs: Any,
+) -> dict[str, Any]:
     """The configuration of a course baseline; ``epochs`` defaults to the profile's."""
     return {
-        "model": model, "dataset": dataset, "seed": seed,
+        "model": model,
+        "dataset": dataset,
+        "seed": seed,
         "epochs": epochs if epochs is not None else get_profile().epochs,
-        "train_fraction": train_fraction, "lr": lr, "model_kwargs": model_kwargs,
+        "train_fraction": train_fraction,
+        "lr": lr,
+        "model_kwargs": model_kwargs,
     }
 
 
@@ -109,8 +121,15 @@ def load_baseline(
     from utils.models import MODEL_NAMES
 
     check_choice("model", model, MODEL_NAMES)
-    config = baseline_config(model, dataset, seed=seed, epochs=epochs,
-                             train_fraction=train_fraction, lr=lr, **model_kwargs)
+    config = baseline_config(
+        model,
+        dataset,
+        seed=seed,
+        epochs=epochs,
+        train_fraction=train_fraction,
+        lr=lr,
+        **model_kwargs,
+    )
     splits = load_splits(dataset, seed=seed, train_fraction=train_fraction)
     size = splits.input_shape[-1]
 
@@ -126,7 +145,9 @@ def load_baseline(
     return net
 
 
-def baseline_accuracy(model: nn.Module, dataset: str = "mnist5k", *, seed: int = 0, split: str = "test") -> float:
+def baseline_accuracy(
+    model: nn.Module, dataset: str = "mnist5k", *, seed: int = 0, split: str = "test"
+) -> float:
     """Accuracy (%) of ``model`` on the ``split`` (``"val"`` or ``"test"``) of ``dataset``."""
     check_choice("split", split, ("val", "test"))
     s = load_splits(dataset, seed=seed)

@@ -56,7 +56,7 @@ def strip_code(source: str) -> str:
             inside = False
         elif inside:
             if stripped.startswith(HINT):
-                out.append(f"{indent}# HINT:{stripped[len(HINT):]}")
+                out.append(f"{indent}# HINT:{stripped[len(HINT) :]}")
         else:
             out.append(line)
     if inside:
@@ -119,7 +119,9 @@ def generate(root: Path = ROOT, check: bool = False) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Generate labs/ from solutions/.")
-    ap.add_argument("--check", action="store_true", help="only report labs that differ; exit 1 if any")
+    ap.add_argument(
+        "--check", action="store_true", help="only report labs that differ; exit 1 if any"
+    )
     args = ap.parse_args(argv)
     changed = generate(check=args.check)
     for name in changed:

@@ -181,10 +181,15 @@ class SmallMobileNet(nn.Module):
         return self.fc(self.flatten(self.pool(self.features(x))))
 
     def fuse_groups(self) -> list[list[str]]:
-        return [[f"features.{i}.0", f"features.{i}.1", f"features.{i}.2"] for i in range(len(self.features))]
+        return [
+            [f"features.{i}.0", f"features.{i}.1", f"features.{i}.2"]
+            for i in range(len(self.features))
+        ]
 
 
-def build_model(name: str, in_channels: int = 1, num_classes: int = 10, input_size: int = 28, **kwargs) -> nn.Module:
+def build_model(
+    name: str, in_channels: int = 1, num_classes: int = 10, input_size: int = 28, **kwargs
+) -> nn.Module:
     """Build a model of this module by name: one of ``MODEL_NAMES``."""
     check_choice("name", name, MODEL_NAMES)
     check_int("input_size", input_size, minimum=1)

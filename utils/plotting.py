@@ -25,18 +25,20 @@ PALETTE = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#D
 
 def set_style() -> None:
     """Apply the course's matplotlib style (idempotent)."""
-    plt.rcParams.update({
-        "figure.figsize": (7.0, 4.0),
-        "figure.dpi": 100,
-        "savefig.dpi": 100,
-        "axes.grid": True,
-        "grid.alpha": 0.3,
-        "axes.spines.top": False,
-        "axes.spines.right": False,
-        "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
-        "font.size": 10,
-        "legend.frameon": False,
-    })
+    plt.rcParams.update(
+        {
+            "figure.figsize": (7.0, 4.0),
+            "figure.dpi": 100,
+            "savefig.dpi": 100,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
+            "font.size": 10,
+            "legend.frameon": False,
+        }
+    )
 
 
 def _check_caption(caption: str) -> None:
@@ -46,12 +48,16 @@ def _check_caption(caption: str) -> None:
 
 
 def _display(obj: Any) -> None:
-    try:
-        from IPython.display import display
-    except ImportError:  # plain Python: print instead
-        print(obj)
-        return
-    display(obj)
+    """``IPython.display.display`` inside a notebook; plain text on a terminal."""
+    from IPython import get_ipython
+    from IPython.display import display
+
+    if get_ipython() is not None:
+        display(obj)
+    elif isinstance(obj, matplotlib.figure.Figure):
+        print(f"<figure with {len(obj.axes)} axes>")
+    else:
+        print(getattr(obj, "data", obj))
 
 
 def show_figure(fig: matplotlib.figure.Figure, caption: str, note: str | None = None) -> None:
@@ -67,8 +73,8 @@ def show_figure(fig: matplotlib.figure.Figure, caption: str, note: str | None = 
     plt.close(fig)
 
 
-def show_table(df: pd.DataFrame, caption: str, *, digits: int = 2, note: str | None = None) -> pd.DataFrame:
-    """Display ``caption`` and ``df`` as an HTML table (floats rounded to ``digits``); return ``df``."""
+def show_table(df: pd.DataFrame, caption: str, *, digits: int = 2, note: str | None = None) -> None:
+    """Display ``caption`` and ``df`` as an HTML table (floats rounded to ``digits``)."""
     from IPython.display import HTML, Markdown
 
     check_type("df", df, pd.DataFrame)
@@ -78,4 +84,3 @@ def show_table(df: pd.DataFrame, caption: str, *, digits: int = 2, note: str | N
     _display(HTML(styled.to_html()))
     if note:
         _display(Markdown(note))
-    return df

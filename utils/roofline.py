@@ -73,12 +73,19 @@ def plot_roofline(peak: MachinePeak, points: dict[str, tuple[float, float]] | No
     xs = np.logspace(-2, 3, 200)
     ax.loglog(xs, [attainable_gflops(peak, x) for x in xs], color="black", lw=2, label="roofline")
     ax.axvline(peak.ridge_point, color="gray", ls=":", lw=1)
-    ax.text(peak.ridge_point * 1.1, peak.gflops * 0.05, f"ridge {peak.ridge_point:.1f} FLOP/B", color="gray")
+    ax.text(
+        peak.ridge_point * 1.1,
+        peak.gflops * 0.05,
+        f"ridge {peak.ridge_point:.1f} FLOP/B",
+        color="gray",
+    )
     for label, (x, y) in (points or {}).items():
         ax.scatter([x], [y], s=40, zorder=3)
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
     ax.set_ylabel("performance (GFLOP/s)")
-    ax.set_title(f"Roofline: {peak.gflops:.0f} GFLOP/s peak, {peak.bandwidth_gbs:.1f} GB/s, {peak.threads} threads")
+    ax.set_title(
+        f"Roofline: {peak.gflops:.0f} GFLOP/s peak, {peak.bandwidth_gbs:.1f} GB/s, {peak.threads} threads"
+    )
     ax.legend(loc="lower right")
     return fig

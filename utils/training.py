@@ -86,7 +86,9 @@ def fit(
     for epoch in range(epochs):
         model.train()
         loss_sum, seen = 0.0, 0
-        bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = tqdm(
+            train_loader, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False
+        )
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             loss = loss_fn(model, x, y)
@@ -107,7 +109,9 @@ def fit(
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+def predict_logits(
+    model: nn.Module, loader: DataLoader, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
     """Return ``(logits, labels)`` of the whole loader, on the CPU, with the model in eval mode."""
     check_module("model", model)
     check_type("loader", loader, DataLoader)
@@ -122,7 +126,9 @@ def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device | 
     return torch.cat(logits), torch.cat(labels)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device | None = None
+) -> dict[str, float]:
     """Accuracy (in %) and mean cross-entropy of ``model`` on ``loader``."""
     logits, labels = predict_logits(model, loader, device)
     return {

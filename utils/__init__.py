@@ -1,0 +1,1 @@
+"""Correct, tested implementations of what the course teaches (see CONTRIBUTING.md)."""

@@ -120,6 +120,11 @@ def test_roofline_model():
     assert roofline.attainable_gflops(peak, 1000.0) == 100.0
     with pytest.raises(ValueError, match="intensity"):
         roofline.attainable_gflops(peak, -1.0)
+    with pytest.raises(TypeError, match="peak"):
+        roofline.plot_roofline({"gflops": 1})
+    fig = roofline.plot_roofline(roofline.MachinePeak(100.0, 10.0, 2, 40.0), {"layer": (1.0, 5.0)})
+    assert len(fig.axes[0].lines) >= 2  # DRAM and cache roofs
+    plt.close(fig)
 
 
 def test_roofline_measurements_are_positive():

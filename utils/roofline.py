@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from utils.benchmark import num_threads, time_callable
-from utils.validation import check_float, check_int
+from utils.validation import check_float, check_int, check_type
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class MachinePeak:
     gflops: float
     bandwidth_gbs: float
     threads: int
+    cache_bandwidth_gbs: float | None = None
 
     @property
     def ridge_point(self) -> float:
@@ -44,6 +45,8 @@ def measure_peak(
 
     The copy of ``copy_mb`` MiB reads and writes every byte once, so it moves
     ``2 × copy_mb`` MiB; it must be larger than the last-level cache to measure DRAM.
+    A second copy of 256 KiB, which stays in the CPU caches, measures the cache
+    bandwidth: small models whose weights fit in cache can run above the DRAM roof.
     Medians over ``repeats`` runs after warm-up.
     """
     check_int("matmul_size", matmul_size, minimum=16)
@@ -53,25 +56,44 @@ def measure_peak(
     b = torch.randn(matmul_size, matmul_size)
     src = torch.empty(copy_mb * 2**20 // 4)
     dst = torch.empty_like(src)
+    small_src = torch.empty(2**16)
+    small_dst = torch.empty_like(small_src)
     with num_threads(threads) as used:
         mm = float(np.median(time_callable(lambda: a @ b, warmup=2, repeats=repeats)))
         cp = float(np.median(time_callable(lambda: dst.copy_(src), warmup=2, repeats=repeats)))
+        small = float(
+            np.median(
+                time_callable(lambda: small_dst.copy_(small_src), warmup=10, repeats=10 * repeats)
+            )
+        )
     gflops = 2 * matmul_size**3 / (mm / 1000) / 1e9
     bandwidth = 2 * src.numel() * 4 / (cp / 1000) / 1e9
-    return MachinePeak(gflops, bandwidth, used)
+    cache_bw = 2 * small_src.numel() * 4 / (small / 1000) / 1e9
+    return MachinePeak(gflops, bandwidth, used, cache_bw)
 
 
 def attainable_gflops(peak: MachinePeak, intensity: float) -> float:
     """``min(peak compute, intensity × bandwidth)`` in GFLOP/s."""
+    check_type("peak", peak, MachinePeak)
     check_float("intensity", intensity, 0.0)
     return min(peak.gflops, intensity * peak.bandwidth_gbs)
 
 
 def plot_roofline(peak: MachinePeak, points: dict[str, tuple[float, float]] | None = None):
-    """Draw the roofline and optional ``{label: (intensity, achieved GFLOP/s)}`` points; return the figure."""
+    """Draw the roofline and optional ``{label: (intensity, achieved GFLOP/s)}`` points; return the figure.
+
+    With a measured cache bandwidth, a dashed second roof shows the limit for
+    working sets that stay in cache.
+    """
+    check_type("peak", peak, MachinePeak)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     xs = np.logspace(-2, 3, 200)
-    ax.loglog(xs, [attainable_gflops(peak, x) for x in xs], color="black", lw=2, label="roofline")
+    ax.loglog(
+        xs, [attainable_gflops(peak, x) for x in xs], color="black", lw=2, label="roofline (DRAM)"
+    )
+    if peak.cache_bandwidth_gbs:
+        cache_roof = [min(peak.gflops, x * peak.cache_bandwidth_gbs) for x in xs]
+        ax.loglog(xs, cache_roof, color="black", lw=1, ls="--", label="roofline (cache)")
     ax.axvline(peak.ridge_point, color="gray", ls=":", lw=1)
     ax.text(
         peak.ridge_point * 1.1,
@@ -87,5 +109,5 @@ def plot_roofline(peak: MachinePeak, points: dict[str, tuple[float, float]] | No
     ax.set_title(
         f"Roofline: {peak.gflops:.0f} GFLOP/s peak, {peak.bandwidth_gbs:.1f} GB/s, {peak.threads} threads"
     )
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     return fig

@@ -17,8 +17,7 @@ export PYTHONHASHSEED := 0
 $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "Python 3.11 is required, found " + sys.version' 
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
 venv: $(STAMP)

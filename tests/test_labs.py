@@ -67,6 +67,14 @@ def _errored(cell: nbformat.NotebookNode) -> bool:
     return any(o.get("output_type") == "error" for o in cell.get("outputs", []))
 
 
+def _error_text(cell: nbformat.NotebookNode) -> str:
+    return "; ".join(
+        f"{o.get('ename')}: {o.get('evalue')}"
+        for o in cell.get("outputs", [])
+        if o.get("output_type") == "error"
+    )
+
+
 @pytest.mark.parametrize("path", SOLUTIONS, ids=[p.stem for p in SOLUTIONS])
 def test_checks_pass_on_solution_and_fail_on_student_version(path: Path):
     solution = nbformat.read(path, as_version=4)
@@ -83,8 +91,10 @@ def test_checks_pass_on_solution_and_fail_on_student_version(path: Path):
             )
 
     ran = _execute(solution, path.parent)
-    failed = [i for i, c in enumerate(ran.cells) if c.cell_type == "code" and _errored(c)]
-    assert failed == [], f"{path.name}: solution cells {failed} raised"
+    failed = {
+        i: _error_text(c) for i, c in enumerate(ran.cells) if c.cell_type == "code" and _errored(c)
+    }
+    assert failed == {}, f"{path.name}: solution cells raised {failed}"
 
     ran_student = _execute(student, ROOT / "labs")
     passing = [i for i in checks if not _errored(ran_student.cells[i])]

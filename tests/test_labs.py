@@ -55,6 +55,7 @@ def _execute(nb: nbformat.NotebookNode, folder: Path) -> nbformat.NotebookNode:
     client = NotebookClient(
         nb,
         timeout=600,
+        startup_timeout=300,
         kernel_name="python3",
         allow_errors=True,
         resources={"metadata": {"path": str(folder)}},

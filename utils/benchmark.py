@@ -116,7 +116,10 @@ def measure_latency(
     if not callable(model):
         raise TypeError("model must be an nn.Module or a callable")
     if isinstance(model, nn.Module):
-        model.eval()
+        try:
+            model.eval()
+        except NotImplementedError:  # torch.export'ed graphs (pt2e) have no train/eval switch
+            pass
     device = example.device
     with num_threads(threads) as used, torch.inference_mode():
         times = time_callable(lambda: model(example), warmup=warmup, repeats=repeats, device=device)

@@ -1,0 +1,432 @@
+"""Tests of utils.compression: weight sharing, Huffman coding, the file format, low rank, pipelines."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from utils import compression as C
+from utils.data import load_splits, make_loader
+from utils.models import build_model
+
+# ----------------------------------------------------------------------- weight sharing
+
+
+def test_share_weight_hand_example_keeps_zeros():
+    w = torch.tensor([[0.0, 1.0, 1.1, 5.0], [5.2, 0.0, 0.9, 5.1]])
+    shared = C.share_weight(w, bits=1)
+    assert torch.allclose(shared.centroids, torch.tensor([1.0, 5.1]))
+    assert torch.equal(shared.indices, torch.tensor([[0, 1, 1, 2], [2, 0, 1, 2]]))
+    expected = torch.tensor([[0.0, 1.0, 1.0, 5.1], [5.1, 0.0, 1.0, 5.1]])
+    assert torch.allclose(shared.decode(), expected)
+
+
+def test_share_weight_matches_sklearn_kmeans_with_linear_init():
+    from sklearn.cluster import KMeans
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 30)
+    w[w.abs() < 0.5] = 0.0
+    shared = C.share_weight(w, bits=3, iters=100)
+    values = w[w != 0].double().numpy().reshape(-1, 1)
+    init = np.linspace(values.min(), values.max(), 8).reshape(-1, 1)
+    km = KMeans(8, init=init, n_init=1, max_iter=100, tol=0.0, algorithm="lloyd").fit(values)
+    ref = np.sort(km.cluster_centers_.ravel())
+    assert np.allclose(shared.centroids.numpy(), ref, atol=1e-5)
+    assert int(shared.indices.max()) <= 8
+    assert torch.equal(shared.indices == 0, w == 0)
+
+
+def test_share_weight_all_zero_and_bad_arguments():
+    shared = C.share_weight(torch.zeros(3, 3), 4)
+    assert shared.centroids.numel() == 0 and torch.equal(shared.decode(), torch.zeros(3, 3))
+    with pytest.raises(TypeError, match="weight"):
+        C.share_weight([1.0, 2.0], 2)
+    with pytest.raises(ValueError, match="bits"):
+        C.share_weight(torch.ones(2, 2), 0)
+    with pytest.raises(ValueError, match="bits"):
+        C.share_weight(torch.ones(2, 2), 9)
+
+
+def test_centroid_gradient_is_sum_of_cluster_gradients_and_zeros_stay_zero():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 4)
+    with torch.no_grad():
+        layer.weight[layer.weight.abs() < 0.15] = 0.0
+    dense = nn.Linear(6, 4)
+    x = torch.randn(5, 6)
+    C.apply_weight_sharing(layer, bits=2)
+    rule = layer.parametrizations.weight[0]
+    with torch.no_grad():  # the same (shared) weights in a plain layer
+        dense.weight.copy_(layer.weight)
+        dense.bias.copy_(layer.bias)
+    layer(x).pow(2).sum().backward()
+    dense(x).pow(2).sum().backward()
+    k = rule.num_centroids
+    expected = torch.zeros(k + 1).index_add_(
+        0, rule.indices.flatten(), dense.weight.grad.flatten()
+    )[1:]
+    assert torch.allclose(layer.parametrizations.weight.original.grad, expected, atol=1e-6)
+    zeros = rule.indices == 0
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()
+    assert torch.all(layer.weight[zeros] == 0)
+    C.remove_weight_sharing(layer)
+    assert isinstance(layer.weight, nn.Parameter) and not hasattr(layer, "parametrizations")
+    assert torch.unique(layer.weight[~zeros]).numel() <= 4
+
+
+def test_apply_weight_sharing_per_layer_bits_and_errors():
+    model = build_model("lenet300", input_size=8)
+    C.apply_weight_sharing(model, {"fc1": 2, "fc": 3})
+    C.remove_weight_sharing(model)
+    assert torch.unique(model.fc1.weight).numel() <= 4
+    assert torch.unique(model.fc3.weight).numel() <= 8
+    with pytest.raises(ValueError, match="no entry"):
+        C.apply_weight_sharing(build_model("lenet300", input_size=8), {"fc1": 2})
+    with pytest.raises(TypeError, match="model"):
+        C.apply_weight_sharing("model", 4)
+
+
+def test_codebook_of_recovers_weights_exactly():
+    w = torch.tensor([[-0.5, 0.0, 0.25], [0.25, -0.5, 0.0], [1.5, 0.0, -0.5]])
+    shared = C.codebook_of(w)
+    assert torch.equal(shared.centroids, torch.tensor([-0.5, 0.25, 1.5]))
+    assert torch.equal(shared.indices, torch.tensor([[1, 0, 2], [2, 1, 0], [3, 0, 1]]))
+    assert torch.equal(shared.decode(), w)
+
+
+# ----------------------------------------------------------------------- Huffman coding
+
+
+def test_huffman_hand_example_and_canonical_codes():
+    assert C.huffman_code_lengths([5, 2, 1, 1]) == [1, 2, 3, 3]
+    assert C.canonical_codes([1, 2, 3, 3]) == {0: "0", 1: "10", 2: "110", 3: "111"}
+    # CLRS 16.3: a..f with counts 45, 13, 12, 16, 9, 5 cost 224 bits per 100 characters
+    counts = [45, 13, 12, 16, 9, 5]
+    lengths = C.huffman_code_lengths(counts)
+    assert lengths == [1, 3, 3, 3, 4, 4]
+    assert sum(c * n for c, n in zip(counts, lengths, strict=True)) == 224
+
+
+def test_huffman_edge_cases_and_errors():
+    assert C.huffman_code_lengths([0, 7, 0]) == [0, 1, 0]
+    assert C.huffman_code_lengths([0, 3, 1]) == [0, 1, 1]
+    with pytest.raises(ValueError, match="counts"):
+        C.huffman_code_lengths([1.5, 2.0])
+    with pytest.raises(ValueError, match="counts"):
+        C.huffman_code_lengths([-1, 2])
+    with pytest.raises(ValueError, match="Kraft"):
+        C.canonical_codes([1, 1, 1])
+    with pytest.raises(ValueError, match="no code"):
+        C.huffman_encode([2], [1, 1, 0])
+    with pytest.raises(ValueError, match="ended"):
+        C.huffman_decode(b"", [1, 1], 3)
+
+
+def test_huffman_length_is_within_one_bit_of_entropy():
+    from scipy.stats import entropy
+
+    rng = np.random.default_rng(0)
+    symbols = rng.geometric(0.3, size=5000) - 1
+    counts = np.bincount(symbols)
+    lengths = np.array(C.huffman_code_lengths(counts))
+    mean = (counts * lengths).sum() / counts.sum()
+    h = entropy(counts / counts.sum(), base=2)
+    assert h <= mean < h + 1
+    assert math.isclose(sum(2.0 ** -int(n) for n in lengths if n), 1.0)  # a complete prefix code
+    data = C.huffman_encode(symbols, lengths)
+    assert len(data) == math.ceil((counts * lengths).sum() / 8)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=300))
+def test_huffman_decode_inverts_encode(symbols):
+    counts = np.bincount(symbols, minlength=41)
+    lengths = C.huffman_code_lengths(counts)
+    data = C.huffman_encode(symbols, lengths)
+    assert C.huffman_decode(data, lengths, len(symbols)).tolist() == symbols
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 12), st.lists(st.integers(0, 4095), max_size=200))
+def test_pack_bits_round_trip(width, values):
+    values = [v % 2**width for v in values]
+    data = C.pack_bits(values, width)
+    assert len(data) == math.ceil(len(values) * width / 8)
+    assert C.unpack_bits(data, width, len(values)).tolist() == values
+
+
+def test_pack_bits_rejects_out_of_range():
+    with pytest.raises(ValueError, match="values must lie"):
+        C.pack_bits([4], 2)
+    with pytest.raises(ValueError, match="width"):
+        C.pack_bits([1], 0)
+
+
+# ------------------------------------------------------------------- relative indices
+
+
+def test_relative_index_hand_example_with_filler():
+    flat = np.array([0, 0, 5, 0, 0, 0, 0, 0, 7, 0])
+    gaps, values = C.relative_index_encode(flat, index_bits=2)
+    # gap 5 > 3 = 2**2 - 1: a filler zero after 3 zeros, then a gap of 1
+    assert gaps.tolist() == [2, 3, 1] and values.tolist() == [5, 0, 7]
+    assert C.relative_index_decode(gaps, values, 10).tolist() == flat.tolist()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.integers(0, 3), min_size=0, max_size=300).map(
+        lambda v: [x if x < 3 else 0 for x in v]
+    ),
+    st.integers(1, 6),
+)
+def test_relative_index_round_trip(values, bits):
+    flat = np.array(values, dtype=np.int64)
+    gaps, vals = C.relative_index_encode(flat, bits)
+    assert gaps.max(initial=0) < 2**bits
+    assert C.relative_index_decode(gaps, vals, flat.size).tolist() == values
+
+
+def test_relative_index_decode_rejects_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        C.relative_index_decode(np.array([0, 1]), np.array([1]), 5)
+    with pytest.raises(ValueError, match="past numel"):
+        C.relative_index_decode(np.array([4]), np.array([1]), 3)
+
+
+# ------------------------------------------------------------------------ file format
+
+
+def _compressed_tiny(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("lenet300", input_size=8)
+    with torch.no_grad():
+        for m in (model.fc1, model.fc2, model.fc3):
+            m.weight[m.weight.abs() < 0.1] = 0.0
+    C.apply_weight_sharing(model, {"fc1": 3, "fc2": 4, "fc3": 5})
+    return C.remove_weight_sharing(model)
+
+
+@pytest.mark.parametrize("huffman", [True, False])
+def test_save_load_round_trip_is_bit_identical(tmp_path, huffman):
+    model = _compressed_tiny()
+    path = tmp_path / "m.dcmp"
+    size = C.save_compressed(
+        model, path, huffman=huffman, arch={"model": "lenet300", "input_size": 8}
+    )
+    assert size == path.stat().st_size
+    loaded = C.load_compressed(path)
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(want) == set(got)
+    for k, a in want.items():
+        assert a.dtype == got[k].dtype and torch.equal(a, got[k]), k
+    breakdown = C.file_breakdown(path)
+    assert sum(breakdown.values()) == size and breakdown["codebook"] > 0
+
+
+def test_file_sizes_shrink_stage_by_stage(tmp_path):
+    torch.manual_seed(0)
+    dense = build_model("lenet300", input_size=8)
+    pruned = _compressed_tiny()
+    with torch.no_grad():  # same zeros as the quantized model, float values
+        for a, b in ((pruned.fc1, dense.fc1), (pruned.fc2, dense.fc2), (pruned.fc3, dense.fc3)):
+            b.weight.mul_(a.weight != 0)
+    n_dense = C.compressed_bytes(build_model("lenet300", input_size=8), huffman=False)
+    n_sparse = C.compressed_bytes(dense, huffman=False)
+    n_fixed = C.compressed_bytes(pruned, huffman=False)
+    n_huff = C.compressed_bytes(pruned, huffman=True)
+    assert n_dense > n_sparse > n_fixed > n_huff
+    params = sum(p.numel() for p in dense.parameters())
+    assert n_dense < 4 * params + 1024  # raw float32 plus a small header
+    assert C.load_compressed(_save(tmp_path, dense), dense).fc1.weight.eq(dense.fc1.weight).all()
+
+
+def _save(tmp_path, model, **kw):
+    path = tmp_path / "x.dcmp"
+    C.save_compressed(model, path, **kw)
+    return path
+
+
+def test_fixed_index_bits_and_dense_fallback(tmp_path):
+    model = _compressed_tiny()
+    path = _save(tmp_path, model, index_bits=5)
+    assert torch.equal(C.load_compressed(path, model).fc1.weight, model.fc1.weight)
+    _, header = C.read_compressed(path)
+    kinds = {t["n"]: t["k"] for t in header["t"]}
+    assert kinds["fc1.weight"] == "shared" and kinds["fc1.bias"] == "dense"
+    assert {t["ib"] for t in header["t"] if t["k"] == "shared"} == {5}
+
+
+def test_corrupted_truncated_and_foreign_files_fail_clearly(tmp_path):
+    path = _save(tmp_path, _compressed_tiny())
+    data = bytearray(path.read_bytes())
+    bad = tmp_path / "bad.dcmp"
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(C.CompressedFormatError, match="checksum"):
+        C.load_compressed(bad, build_model("lenet300", input_size=8))
+    bad.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(C.CompressedFormatError, match="truncated"):
+        C.read_compressed(bad)
+    bad.write_bytes(b"PK\x03\x04" + path.read_bytes()[4:])
+    with pytest.raises(C.CompressedFormatError, match="not a compressed"):
+        C.read_compressed(bad)
+    with pytest.raises(ValueError, match="arch"):
+        C.load_compressed(path)
+
+
+def test_save_rejects_parametrized_model_and_bad_arguments(tmp_path):
+    model = build_model("lenet300", input_size=8)
+    C.apply_weight_sharing(model, 2)
+    with pytest.raises(ValueError, match="remove_weight_sharing"):
+        C.save_compressed(model, tmp_path / "m.dcmp")
+    with pytest.raises(TypeError, match="path"):
+        C.save_compressed(build_model("lenet300", input_size=8), 3)
+    with pytest.raises(TypeError, match="huffman"):
+        C.save_compressed(build_model("lenet300", input_size=8), tmp_path / "m", huffman=1)
+    with pytest.raises(ValueError, match="index_bits"):
+        C.save_compressed(build_model("lenet300", input_size=8), tmp_path / "m", index_bits=0)
+
+
+# ------------------------------------------------------------------------- low rank
+
+
+def test_low_rank_error_matches_eckart_young():
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 12)
+    s = torch.linalg.svdvals(layer.weight.detach().double())
+    for r in (1, 4, 12):
+        lr = C.LowRankLinear.from_linear(layer, r)
+        w = (lr.second.weight @ lr.first.weight).detach().double()
+        err = torch.linalg.norm(w - layer.weight.detach().double())
+        assert math.isclose(float(err), float(s[r:].pow(2).sum().sqrt()), abs_tol=1e-5)
+    x = torch.randn(3, 20)
+    assert torch.allclose(C.LowRankLinear.from_linear(layer, 12)(x), layer(x), atol=1e-5)
+    with pytest.raises(ValueError, match="rank"):
+        C.LowRankLinear.from_linear(layer, 13)
+
+
+def test_rank_for_energy_hand_example():
+    w = torch.diag(torch.tensor([4.0, 3.0]))  # energies 16/25 = 0.64 and 1.0
+    assert C.rank_for_energy(w, 0.64) == 1
+    assert C.rank_for_energy(w, 0.65) == 2
+    with pytest.raises(ValueError, match="energy"):
+        C.rank_for_energy(w, 1.5)
+    with pytest.raises(ValueError, match="dimensions"):
+        C.rank_for_energy(torch.ones(3), 0.5)
+
+
+def test_factorize_and_rank_for_accuracy(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("lenet300", input_size=8)
+    C.factorize_linears(model, ranks={"fc1": 8})
+    assert C.low_rank_ranks(model) == {"fc1": 8}
+    path = _save(tmp_path, model, arch={"model": "lenet300", "input_size": 8})
+    loaded = C.load_compressed(path)
+    assert C.low_rank_ranks(loaded) == {"fc1": 8}
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(loaded(x), model.eval()(x))
+    with pytest.raises(ValueError, match="exactly one"):
+        C.factorize_linears(model)
+    base = build_model("lenet300", input_size=8)
+    x = torch.randn(64, 1, 8, 8)
+    ref = base(x).argmax(1)
+
+    def agreement(m):  # % of inputs whose prediction is unchanged
+        return 100.0 * float((m(x).argmax(1) == ref).float().mean())
+
+    r = C.rank_for_accuracy(base, "fc2", agreement, max_drop=0.0)
+    assert agreement(C.factorize_linears(base, ranks={"fc2": r})) == 100.0
+
+
+# ------------------------------------------------------------------------- pipelines
+
+
+@pytest.fixture(scope="module")
+def digits():
+    s = load_splits("digits")
+    return make_loader(s.train, 64, shuffle=True), make_loader(s.test, 256)
+
+
+def test_deep_compression_pipeline_on_digits(tmp_path, digits):
+    from utils.training import evaluate, fit
+
+    train, test = digits
+    torch.manual_seed(0)
+    model = build_model("lenet300", input_size=8)
+    fit(model, train, epochs=3, progress=False)
+    cfg = C.PipelineConfig(
+        sparsity={"fc1": 0.8, "fc2": 0.8, "fc3": 0.5},
+        bits=4,
+        prune_steps=2,
+        prune_epochs=1,
+        quant_epochs=1,
+    )
+    stages = C.deep_compression(model, train, cfg)
+    assert list(stages) == ["dense", "pruned", "quantized"]
+    q = stages["quantized"]
+    assert float((q.fc1.weight == 0).float().mean()) == pytest.approx(0.8, abs=1e-3)
+    assert torch.equal(q.fc1.weight == 0, stages["pruned"].fc1.weight == 0)
+    assert torch.unique(q.fc1.weight).numel() <= 2**4 + 1
+    files = C.stage_files(stages, tmp_path, arch={"model": "lenet300", "input_size": 8})
+    sizes = {k: p.stat().st_size for k, p in files.items()}
+    assert sizes["dense"] > sizes["pruned"] > sizes["quantized"] > sizes["huffman"]
+    loaded = C.load_compressed(files["huffman"])
+    assert evaluate(loaded, test)["accuracy"] == evaluate(q, test)["accuracy"]
+    assert evaluate(q, test)["accuracy"] > 80.0
+    assert cfg.as_dict()["bits"] == 4
+
+
+def test_low_rank_pipeline_and_prune_quantize_distill(digits):
+    pytest.importorskip("utils.distillation")
+    train, _ = digits
+    torch.manual_seed(0)
+    teacher = build_model("lenet300", input_size=8)
+    cfg = C.PipelineConfig(
+        sparsity=0.5, bits=3, prune_steps=1, prune_epochs=1, quant_epochs=1, low_rank_energy=0.5
+    )
+    stages = C.prune_quantize_distill(build_model("lenet300", input_size=8), teacher, train, cfg)
+    assert list(stages) == ["dense", "low_rank", "pruned", "quantized"]
+    assert C.low_rank_ranks(stages["quantized"])
+
+
+def test_pipeline_argument_checks(digits):
+    train, _ = digits
+    model = build_model("lenet300", input_size=8)
+    with pytest.raises(TypeError, match="config"):
+        C.deep_compression(model, train, {"sparsity": 0.5})
+    with pytest.raises(ValueError, match="sparsity"):
+        C.prune_finetune(model, train, 1.0)
+    with pytest.raises(ValueError, match="sparsity"):
+        C.prune_finetune(model, train, {"fc1": -0.1})
+    with pytest.raises(ValueError, match="steps"):
+        C.prune_finetune(model, train, 0.5, steps=0)
+
+
+def test_compress_baseline_is_cached(tmp_cache):
+    cfg = C.PipelineConfig(sparsity=0.5, bits=3, prune_steps=1, prune_epochs=1, quant_epochs=1)
+    first = C.compress_baseline("lenet300", "digits", cfg)
+    files = sorted(tmp_cache.glob("dc-*.pt"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = C.compress_baseline("lenet300", "digits", cfg)
+    assert sorted(tmp_cache.glob("dc-*.pt")) == files
+    assert files[0].stat().st_mtime_ns == stamp  # loaded, not trained and saved again
+    for name in ("dense", "pruned", "quantized"):
+        for k, v in first[name].state_dict().items():
+            assert torch.equal(v, again[name].state_dict()[k])
+    assert C.baseline_arch("lenet300", "digits") == {
+        "model": "lenet300",
+        "in_channels": 1,
+        "num_classes": 10,
+        "input_size": 8,
+    }
+    with pytest.raises(TypeError, match="config"):
+        C.compress_baseline("lenet300", "digits", {"bits": 3})

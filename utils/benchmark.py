@@ -208,6 +208,19 @@ def count_macs(model: nn.Module, example: Tensor) -> int:
     return int(layer_table(model, example)["macs"].sum())
 
 
+def _forward_with_hooks(model: nn.Module, example: Tensor, hooks: list) -> None:
+    """One eval-mode forward pass that fires ``hooks``; the hooks are removed and the mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+
 def layer_table(model: nn.Module, example: Tensor):
     """Per-layer MACs, parameters and bytes moved (FP32) for Conv2d/Linear leaves, as a DataFrame.
 
@@ -246,15 +259,7 @@ def layer_table(model: nn.Module, example: Tensor):
                 )
 
             hooks.append(mod.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    _forward_with_hooks(model, example, hooks)
     return pd.DataFrame(
         rows,
         columns=[
@@ -331,13 +336,7 @@ def layer_latency(
         m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, i[0].detach()))
         for n, m in mods.items()
     ]
-    model.eval()
-    try:
-        with torch.inference_mode():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(model, example, hooks)
     out = {}
     with torch.inference_mode():
         for name, m in mods.items():

@@ -118,3 +118,11 @@ def test_toc_lists_every_notebook():
         f"{p.parent.name}/{p.stem}" for p in NOTEBOOKS if f"{p.parent.name}/{p.stem}" not in toc
     ]
     assert missing == [], f"_toc.yml does not list {missing}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[f"{p.parent.name}/{p.stem}" for p in NOTEBOOKS])
+def test_notebooks_declare_the_python3_kernel(path: Path):
+    """JupyterLab, nbval and the book (its code highlighting) all read this metadata."""
+    meta = load(path)["metadata"]
+    assert meta.get("kernelspec", {}).get("name") == "python3"
+    assert meta.get("language_info", {}).get("name") == "python"

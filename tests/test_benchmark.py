@@ -182,3 +182,24 @@ def test_layer_latency_names_every_layer():
     times = benchmark.layer_latency(m, torch.zeros(2, 1, 28, 28), warmup=1, repeats=3)
     assert list(times) == ["conv1", "conv2", "fc1", "fc2"]
     assert all(t > 0 for t in times.values())
+
+
+def test_interleaved_latency_runs_every_variant_in_turns():
+    order = []
+
+    def make(name):
+        def run(x):
+            order.append(name)
+            return x
+
+        return run
+
+    lat = benchmark.measure_latency_interleaved(
+        {"a": make("a"), "b": make("b")}, torch.zeros(3, 2), rounds=3, repeats=2, warmup=1
+    )
+    assert order == ["a", "a", "b", "b"] * 4  # warm-up (1 + 1 untimed each), then 3 rounds of 2
+    assert lat["a"].repeats == 6 and lat["b"].batch_size == 3
+    with pytest.raises(ValueError, match="models"):
+        benchmark.measure_latency_interleaved({}, torch.zeros(1))
+    with pytest.raises(ValueError, match="rounds"):
+        benchmark.measure_latency_interleaved({"a": make("a")}, torch.zeros(1), rounds=0)

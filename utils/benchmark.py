@@ -348,3 +348,42 @@ def layer_latency(
             )
             out[name] = statistics.median(times)
     return out
+
+
+def measure_latency_interleaved(
+    models: dict[str, Callable[[Tensor], Any]],
+    example: Tensor,
+    *,
+    rounds: int = 10,
+    repeats: int = 5,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> dict[str, Latency]:
+    """Latency of several variants measured in turns, so machine drift hits them all alike.
+
+    On a shared or thermally throttled machine the speed of the CPU drifts over
+    seconds; timing variant A fully, then variant B, folds that drift into the
+    comparison. Here every round runs each variant ``repeats`` times, and each
+    variant's median is taken over all its ``rounds × repeats`` timings. Runs under
+    ``torch.inference_mode`` (wrap a callable in ``torch.inference_mode(False)`` to
+    time it with autograd on).
+    """
+    check_type("models", models, dict)
+    if not models or not all(callable(m) for m in models.values()):
+        raise ValueError("models must be a non-empty dict of callables")
+    check_tensor("example", example)
+    check_int("rounds", rounds, minimum=1)
+    check_int("repeats", repeats, minimum=1)
+    for m in models.values():
+        if isinstance(m, nn.Module):
+            m.eval()
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with num_threads(threads) as used, torch.inference_mode():
+        for m in models.values():
+            time_callable(lambda m=m: m(example), warmup=warmup, repeats=1, device=example.device)
+        for _ in range(rounds):
+            for name, m in models.items():
+                times[name] += time_callable(
+                    lambda m=m: m(example), warmup=0, repeats=repeats, device=example.device
+                )
+    return {name: summarize(t, example.shape[0], used) for name, t in times.items()}

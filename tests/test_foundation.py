@@ -253,3 +253,16 @@ def test_load_baseline_is_cached(tmp_cache):
     assert cache.baseline_accuracy(m2, "digits") > 80
     with pytest.raises(ValueError, match="model must be one of"):
         cache.load_baseline("alexnet")
+
+
+def test_show_source_shows_the_code_and_rejects_non_functions(capsys):
+    from utils.plotting import show_source, show_table
+
+    show_source(show_table, max_lines=3)
+    out = capsys.readouterr().out
+    assert "utils.plotting.show_table" in out and "def show_table" in out
+    assert "more lines" in out
+    with pytest.raises(TypeError, match="obj must be a function"):
+        show_source(42)
+    with pytest.raises(ValueError, match="max_lines"):
+        show_source(show_table, max_lines=0)

@@ -39,8 +39,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "tools" / "mutants"
 IGNORE = shutil.ignore_patterns(
-    ".venv", ".git", ".cache", "_build", "__pycache__", ".pytest_cache", ".ruff_cache",
-    ".hypothesis", "*.egg-info", "lessons", "labs", "solutions",
+    ".venv",
+    ".git",
+    ".cache",
+    "_build",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+    "*.egg-info",
+    "lessons",
+    "labs",
+    "solutions",
 )
 
 
@@ -99,7 +109,9 @@ def run_module(module: str, only: str | None, timeout: int) -> tuple[int, int, l
             original = target.read_text()
             count = original.count(m.old)
             if count != 1:
-                raise SystemExit(f"[{module}] mutant {m.name!r}: `old` occurs {count} times in {m.path}")
+                raise SystemExit(
+                    f"[{module}] mutant {m.name!r}: `old` occurs {count} times in {m.path}"
+                )
             target.write_text(original.replace(m.old, m.new))
             t0 = time.time()
             try:
@@ -118,8 +130,12 @@ def run_module(module: str, only: str | None, timeout: int) -> tuple[int, int, l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("modules", nargs="*", help="modules with a spec in tools/mutants/ (default: all)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "modules", nargs="*", help="modules with a spec in tools/mutants/ (default: all)"
+    )
     parser.add_argument("-k", dest="only", help="only mutants whose name contains this text")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per test run")
     args = parser.parse_args()

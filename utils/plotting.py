@@ -84,3 +84,29 @@ def show_table(df: pd.DataFrame, caption: str, *, digits: int = 2, note: str | N
     _display(HTML(styled.to_html()))
     if note:
         _display(Markdown(note))
+
+
+def show_source(obj: Any, *, max_lines: int = 40) -> None:
+    """Show the source of a ``utils`` function or class as a highlighted code block.
+
+    Lessons call it right before they first use a core function, so the reader sees
+    the lines the numbers come from while the code still exists once (in ``utils``).
+    The docstring is kept (it states the formula and cites the paper); a source longer
+    than ``max_lines`` is cut with a pointer to the file.
+    """
+    import inspect
+
+    from IPython.display import Markdown
+
+    if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismethod(obj)):
+        raise TypeError(f"obj must be a function, method or class, got {type(obj).__name__}")
+    if isinstance(max_lines, bool) or not isinstance(max_lines, int) or max_lines < 1:
+        raise ValueError(f"max_lines must be a positive int, got {max_lines!r}")
+    lines = inspect.getsource(obj).rstrip().splitlines()
+    module = inspect.getmodule(obj)
+    where = f"{module.__name__}.{obj.__qualname__}" if module else obj.__qualname__
+    if len(lines) > max_lines:
+        cut = len(lines) - max_lines
+        lines = [*lines[:max_lines], f"    # … {cut} more lines: see {where}"]
+    body = "\n".join(lines)
+    _display(Markdown(f"`{where}`:\n\n```python\n{body}\n```"))

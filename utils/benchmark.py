@@ -240,10 +240,13 @@ def time_callable(
 
 
 def calls_per_timing(call_ms: float, min_block_ms: float = MIN_BLOCK_MS) -> int:
-    """Calls per timed block so that a block lasts at least ``min_block_ms``: ``⌈min_block / call⌉``."""
+    """Calls per timed block so that a block lasts at least ``min_block_ms``: ``⌈min_block / call⌉``.
+
+    At most 1000 calls; a ratio within 1e-9 of an integer is that integer (clock rounding).
+    """
     if call_ms <= 0:
         return 1000
-    return max(1, min(1000, math.ceil(min_block_ms / call_ms)))
+    return max(1, min(1000, math.ceil(min_block_ms / call_ms - 1e-9)))
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:

@@ -268,6 +268,8 @@ def test_measurement_conditions_states_threads_device_cpu_isa(monkeypatch):
     assert "2 个线程" in benchmark.measurement_conditions(threads=2)
     with pytest.raises(ValueError, match="threads"):
         benchmark.measurement_conditions(threads=0)
+    with pytest.raises(TypeError, match="device"):
+        benchmark.measurement_conditions(device=0)
 
 
 # --- timing: the exact mechanics, on the fake clock ---------------------------
@@ -318,6 +320,10 @@ def test_calls_per_timing():
     assert benchmark.calls_per_timing(1e-9) == 1000  # capped
     assert benchmark.calls_per_timing(0.0) == 1000
     assert benchmark.calls_per_timing(1.0, min_block_ms=5.0) == 5
+    with pytest.raises(ValueError, match="call_ms"):
+        benchmark.calls_per_timing(-1.0)
+    with pytest.raises(ValueError, match="min_block_ms"):
+        benchmark.calls_per_timing(1.0, min_block_ms=0.0)
 
 
 def test_summarize_percentiles():
@@ -504,6 +510,8 @@ def test_speedup_and_ratio_text():
         benchmark.speedup(10.0, fast)
     with pytest.raises(TypeError, match="other"):
         benchmark.ratio_text(base, 2.0)
+    with pytest.raises(ValueError, match="ratio"):
+        benchmark.format_ratio(0.0)
 
 
 # --- tables ------------------------------------------------------------------
@@ -512,7 +520,8 @@ def test_benchmark_models_table(fake_clock):
     slow, fast = FakeNet(fake_clock, 4.0, log), FakeNet(fake_clock, 1.0, log)
     with torch.no_grad():
         fast.fc.weight[0].zero_()
-    variants = {"slow": slow, "fast": fast, "fn": fake_clock.model("fn", 2.0)}
+    fn = fake_clock.model("fn", itertools.cycle([2.0, 2.0, 3.0]))  # timings 2, 3, 2, 2 at batch 1
+    variants = {"slow": slow, "fast": fast, "fn": fn}
     df = benchmark.benchmark_models(
         variants, (4,), batch_sizes=(1, 3), threads=1, rounds=2, repeats=2, warmup=1
     )
@@ -528,7 +537,8 @@ def test_benchmark_models_table(fake_clock):
     )
     assert df.loc["fn", ["size_kb", "params", "nonzero", "macs"]].isna().all()
     assert list(df["latency_b3_ms"]) == pytest.approx([4.0, 1.0, 2.0])
-    assert list(df["p90_b1_ms"]) == pytest.approx([4.0, 1.0, 2.0])
+    assert list(df["p90_b1_ms"]) == pytest.approx([4.0, 1.0, 3.0])
+    assert list(df["p10_b1_ms"]) == pytest.approx([4.0, 1.0, 2.0])
     assert list(df["speedup_b1"]) == pytest.approx([1.0, 4.0, 2.0])
     assert not df["noisy_b3"].any() and set(df["threads"]) == {1}
     # interleaved: slow, fast (warm-up), then in every round 2 of slow, 2 of fast

@@ -1022,3 +1022,59 @@ def test_quantize_recovers_every_grid_point(bits, signed, scale, data):
     q = torch.arange(qmin, qmax + 1, dtype=torch.int32)
     grid = dequantize(q, scale, zp, bits=bits, signed=signed)
     assert torch.equal(quantize(grid, scale, zp, bits, signed), q)
+
+
+def test_quantize_multiplier_rounds_to_nearest_and_renormalises():
+    # 0.3 = 0.6 * 2^-1 = M0 * 2^(-31-1): 0.6 * 2^31 = 1288490188.8 -> 1288490189 (nearest)
+    m0, n = quantize_multiplier(0.3)
+    assert (int(m0), int(n)) == (1288490189, 1)
+    # a mantissa that rounds up to 2^31 is renormalised to 2^30 with one more power of two
+    m0, n = quantize_multiplier(1.0 - 2.0**-40)
+    assert (int(m0), int(n)) == (2**30, -1)
+    m0, n = quantize_multiplier(torch.tensor([1.0, 6.0]))  # 1 = 0.5 * 2, 6 = 0.75 * 8
+    assert m0.tolist() == [2**30, 3 * 2**29] and n.tolist() == [-1, -3]
+
+
+def test_per_channel_observer_on_axis_1_matches_torch():
+    x = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = torch.ao.quantization.PerChannelMinMaxObserver(
+            ch_axis=1, dtype=torch.quint8, qscheme=torch.per_channel_affine
+        )
+        ref(x)
+        rs, rz = ref.calculate_qparams()
+    obs = MinMaxObserver(8, signed=False, axis=1)
+    obs.update(x)
+    s, z = obs.qparams()
+    assert torch.allclose(s, rs) and torch.equal(z, rz.to(torch.int64))
+    assert torch.equal(obs.min_val, x.amin(dim=(0, 2)))
+
+
+def test_fake_quant_layer_weights_and_static_activations_exactly():
+    torch.manual_seed(2)
+    layer = nn.Linear(5, 3)
+    fq = prepare_fake_quant(nn.Sequential(layer), weight_bits=4, act_bits=8)
+    w = layer.weight.detach()
+    s_c, z_c = calc_qparams(w.min(1).values, w.max(1).values, 4, True, symmetric=True)
+    assert torch.equal(fq[0].quantized_weight(), fake_quantize(w, s_c, z_c, 4, True, axis=0))
+    per_tensor = prepare_fake_quant(nn.Sequential(layer), weight_bits=4, per_channel=False)
+    s_t, z_t = calc_qparams(w.min(), w.max(), 4, True, symmetric=True)
+    assert torch.equal(per_tensor[0].quantized_weight(), fake_quantize(w, s_t, z_t, 4, True))
+    # static: calibrated on [0, 1] -> S = 1/255, Z = 0; later inputs are clipped to that range
+    calib = torch.linspace(0, 1, 50).reshape(10, 5)
+    calibrate(fq, [(calib, None)], 1)
+    assert float(fq[0].act_scale) == pytest.approx(1 / 255) and int(fq[0].act_zero_point) == 0
+    x = torch.linspace(-2, 3, 20).reshape(4, 5)
+    x_q = fake_quantize(x, fq[0].act_scale, fq[0].act_zero_point, 8, False)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x_q, fq[0].quantized_weight(), layer.bias)
+        assert torch.equal(fq(x), want) and float(x_q.max()) == 1.0
+    # dynamic: each batch's own range
+    dyn = prepare_fake_quant(nn.Sequential(layer), weight_bits=4, act_bits=8, mode="dynamic")
+    s_d, z_d = calc_qparams(x.min(), x.max(), 8, False)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(
+            fake_quantize(x, s_d, z_d, 8, False), dyn[0].quantized_weight(), layer.bias
+        )
+        assert torch.equal(dyn(x), want)

@@ -614,6 +614,9 @@ class FakeQuantLayer(nn.Module):
             qrange(act_bits, False)
         check_choice("observer", observer, OBSERVERS)
         check_choice("mode", mode, ("static", "dynamic"))
+        for name, flag in (("per_channel", per_channel), ("symmetric", symmetric)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         self.layer = layer
         self.weight_bits, self.act_bits = weight_bits, act_bits
         self.per_channel, self.symmetric, self.mode = per_channel, symmetric, mode
@@ -743,8 +746,9 @@ def quantize_multiplier(m: Tensor | float) -> tuple[Tensor, Tensor]:
     """Write a real multiplier ``M > 0`` as ``M ≈ M₀ · 2^(−31−n)`` with int32 ``M₀ ∈ [2^30, 2^31)``.
 
     Jacob et al. 2018, eq. (6): ``M = 2^(−n) · M₀'`` with ``M₀' ∈ [0.5, 1)`` stored as a
-    Q31 fixed-point integer (the paper assumes ``M < 1``; larger ``M`` give ``n < 0``). Returns int64 tensors ``(M₀, n)`` (``n`` may be negative
-    when ``M ≥ 1``), element-wise for per-channel multipliers.
+    Q31 fixed-point integer; ``M₀`` is ``M₀' · 2^31`` rounded to nearest. Returns int64
+    tensors ``(M₀, n)``, element-wise for per-channel multipliers. The paper assumes
+    ``M < 1``; larger ``M`` give ``n < 0``.
     """
     _as_tensor("m", m)  # type and finiteness checks
     t = torch.as_tensor(m, dtype=torch.float64)  # keep full precision: M0 has 31 significant bits

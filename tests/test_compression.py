@@ -593,8 +593,11 @@ def test_factorize_and_rank_for_accuracy(tmp_path):
 
 @pytest.fixture(scope="module")
 def digits():
+    """512 training images of sklearn's digits (8 steps per epoch keep the pipelines fast)."""
+    from torch.utils.data import Subset
+
     s = load_splits("digits")
-    return make_loader(s.train, 64, shuffle=True), make_loader(s.test, 256)
+    return make_loader(Subset(s.train, range(512)), 64, shuffle=True), make_loader(s.test, 256)
 
 
 class _Recorder:

@@ -65,8 +65,10 @@ def test_centroid_gradient_is_sum_of_cluster_gradients_and_zeros_stay_zero():
         layer.weight[layer.weight.abs() < 0.15] = 0.0
     dense = nn.Linear(6, 4)
     x = torch.randn(5, 6)
+    shared = C.share_weight(layer.weight, 2)
     C.apply_weight_sharing(layer, bits=2)
     rule = layer.parametrizations.weight[0]
+    assert torch.allclose(layer.weight, shared.decode())  # the centroids are the cluster means
     with torch.no_grad():  # the same (shared) weights in a plain layer
         dense.weight.copy_(layer.weight)
         dense.bias.copy_(layer.bias)
@@ -203,6 +205,9 @@ def test_relative_index_decode_rejects_bad_input():
         C.relative_index_decode(np.array([0, 1]), np.array([1]), 5)
     with pytest.raises(ValueError, match="past numel"):
         C.relative_index_decode(np.array([4]), np.array([1]), 3)
+    with pytest.raises(ValueError, match="past numel"):
+        C.relative_index_decode(np.array([0, 2]), np.array([1, 2]), 3)  # position 3 of 0..2
+    assert C.relative_index_decode(np.array([0, 1]), np.array([1, 2]), 3).tolist() == [1, 0, 2]
     with pytest.raises(ValueError, match="gaps must be >= 0"):
         C.relative_index_decode(np.array([2, -2]), np.array([1, 2]), 5)  # would write out[1] twice
     with pytest.raises(ValueError, match="gaps must be integers"):
@@ -315,6 +320,12 @@ def test_sparse_float_storage_and_its_breakdown(tmp_path):
         0,
     )
     assert torch.equal(C.load_compressed(path, model)[0].weight, w)
+
+    def short_values(header, parts):
+        parts[0][1] = parts[0][1][:-4]
+
+    with pytest.raises(C.CompressedFormatError, match="value bytes for"):
+        C.read_compressed(_rewrite(path, tmp_path, parts_fn=short_values))
     dense = nn.Sequential(nn.Linear(300, 1))  # 300 distinct values, no zeros: stored raw
     kinds = {t["n"]: t["k"] for t in C.read_compressed(_save(tmp_path, dense))[1]["t"]}
     assert kinds == {"0.weight": "dense", "0.bias": "dense"}
@@ -436,7 +447,6 @@ def _set_first(key, value):
         (_set_first("ne", -1), "bad entry count"),
         (lambda h: {**h, "lr": {"fc1": 0}}, "bad low-rank entry"),
         (lambda h: {**h, "arch": ["lenet300"]}, "bad arch"),
-        (lambda h: {**h, "t": [*h["t"], h["t"][0]]}, "does not match|twice|truncated"),
     ],
 )
 def test_malformed_header_with_valid_checksum_fails_clearly(tmp_path, edit, message):
@@ -481,6 +491,19 @@ def test_malformed_content_with_valid_checksum_fails_clearly(tmp_path):
         C.load_compressed(
             _rewrite(path, tmp_path, header_fn=lambda h: {**h, "lr": {"nope": 2}}), template
         )
+
+    def twice(header, parts):  # a consistent file that names fc1.bias twice
+        header["t"].append(dict(header["t"][0]))
+        parts.append(list(parts[0]))
+
+    with pytest.raises(C.CompressedFormatError, match="'fc1.bias' occurs twice"):
+        C.read_compressed(_rewrite(path, tmp_path, parts_fn=twice))
+
+    def short_codebook(header, parts):
+        parts[1][0] = parts[1][0][:-4]
+
+    with pytest.raises(C.CompressedFormatError, match="codebook bytes do not match"):
+        C.read_compressed(_rewrite(path, tmp_path, parts_fn=short_codebook))
 
     huff = _save(tmp_path, _compressed_tiny(), huffman=True, index_bits=4)
 

@@ -502,7 +502,8 @@ def _check_header(header: Any) -> None:
     for i, t in enumerate(header["t"]):
         _check_tensor_meta(t, i)
     names = [t["n"] for t in header["t"]]
-    _need(len(set(names)) == len(names), "a tensor name occurs twice")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    _need(not twice, f"tensor name {twice[0]!r} occurs twice" if twice else "")
 
 
 def _stream_cost(symbols: np.ndarray, alphabet: int, huffman: bool, width: int) -> int:

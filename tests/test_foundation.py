@@ -168,6 +168,10 @@ def test_make_loader_order_is_fixed_by_the_seed():
     assert second != first and second == _order(b)
 
 
+def _order_of_labels(loader: DataLoader) -> list[int]:
+    return torch.cat([y for _, y in loader]).tolist()
+
+
 def test_loaders_are_reproducible():
     a, val, test = data.load_loaders("digits", batch_size=16, seed=5)
     b, _, _ = data.load_loaders("digits", batch_size=16, seed=5)
@@ -179,6 +183,14 @@ def test_loaders_are_reproducible():
     assert torch.equal(torch.cat([y for _, y in val]), s.val.tensors[1])  # not shuffled
     assert torch.equal(torch.cat([y for _, y in test]), s.test.tensors[1])
     assert _rows(a.dataset) == _rows(s.train)
+    fresh, _, _ = data.load_loaders("digits", batch_size=16, seed=5)
+    assert _order_of_labels(fresh) == _order_of_labels(
+        data.make_loader(s.train, 16, shuffle=True, seed=5)
+    )
+    half, _, _ = data.load_loaders("digits", batch_size=16, seed=5, train_fraction=0.5)
+    assert _rows(half.dataset) == _rows(
+        data.load_splits("digits", seed=5, train_fraction=0.5).train
+    )
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         data.load_loaders("digits", batch_size=0)
 

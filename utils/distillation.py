@@ -44,6 +44,11 @@ from utils.validation import (
     check_type,
 )
 
+VERSION = 2
+"""Put this in the cache key of any model trained with these losses: it is bumped when a fix
+changes what a student learns (2: RKD distances computed exactly, no longer by ``cdist``'s
+matrix-product formula, which cancelled for batches over 25)."""
+
 METHODS = ("scratch", "kd", "fitnets", "at", "rkd", "adversarial")
 """Methods of :func:`distill` (``"scratch"``: hard labels only, no teacher)."""
 
@@ -863,6 +868,7 @@ def gap_recovered(scratch: float, distilled: float, teacher: float) -> float:
 
 
 __all__ = [
+    "VERSION",
     "METHODS",
     "DEFAULT_WEIGHTS",
     "DEFAULT_LAYERS",

@@ -555,7 +555,9 @@ def test_bad_keep_indices_and_arguments_are_named():
     with pytest.raises(TypeError, match="keep"):
         prune_conv_out(conv, "01")
     assert conv.out_channels == 3 and conv.weight.shape[0] == 3  # untouched by the failures
-    prune_conv_out(conv, np.array([2, 0]).tolist())
+    with pytest.raises(TypeError, match="integer channel indices"):
+        prune_conv_out(conv, np.array([0.0, 2.0]))
+    prune_conv_out(conv, np.array([2, 0]))
     assert conv.out_channels == 2
     with pytest.raises(ValueError, match="final"):
         GradualPruning(final=1.0, total_steps=10)

@@ -144,7 +144,8 @@ def calibration_batches(calib: Tensor | DataLoader, *, max_batches: int = 8) -> 
     for i, xb in enumerate(_batches(calib)):
         if i >= max_batches:
             break
-        out.append(xb.detach().to("cpu", torch.float32).contiguous())
+        if len(xb):
+            out.append(xb.detach().to("cpu", torch.float32).contiguous())
     if not out:
         raise ValueError("calib must hold at least one batch of real inputs")
     return out
@@ -742,14 +743,14 @@ def check_agreement(
         "backend": runner.name,
         "precision": runner.precision,
         "max_abs_diff": (got - ref).abs().max().item(),
-        "agreement": (pred == ref_pred).float().mean().item(),
+        "agreement": (pred == ref_pred).sum().item() / len(pred),
         "accuracy": float("nan"),
         "reference_accuracy": float("nan"),
         "accuracy_delta": float("nan"),
     }
     if labels is not None:
-        result["accuracy"] = 100.0 * (pred == labels).float().mean().item()
-        result["reference_accuracy"] = 100.0 * (ref_pred == labels).float().mean().item()
+        result["accuracy"] = 100.0 * (pred == labels).sum().item() / len(labels)
+        result["reference_accuracy"] = 100.0 * (ref_pred == labels).sum().item() / len(labels)
         result["accuracy_delta"] = result["accuracy"] - result["reference_accuracy"]
     if runner.precision == "int8":
         result["criterion"] = (

@@ -49,11 +49,16 @@ def lenet5():
 
 
 @pytest.fixture(scope="module")
-def runners(lenet5, mnist):
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("deploy")
+
+
+@pytest.fixture(scope="module")
+def runners(lenet5, mnist, workdir):
     """The trained LeNet-5 exported once to every installed backend that needs no compiler."""
     names = ["eager", "export"] + [n for n in BACKENDS if n.startswith(("onnxrt", "openvino"))]
     names += ["executorch", "litert", "coreml", "tensorrt"]
-    return export_runners(lenet5, mnist[0][:4], backends=names, calib=mnist[2])
+    return export_runners(lenet5, mnist[0][:4], backends=names, calib=mnist[2], workdir=workdir)
 
 
 def _bn_with_stats(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -258,8 +263,13 @@ def test_onnxruntime_levels_agree_and_fuse(runners, mnist):
 
 
 @pytest.mark.skipif(not HAS_ONNX_EXPORT, reason="needs onnxruntime and onnxscript")
-def test_onnxruntime_int8_static_qdq_passes_the_int8_check(runners, mnist):
+def test_onnxruntime_int8_static_qdq_passes_the_int8_check(runners, mnist, workdir):
     x, y, _ = mnist
+    import onnx
+
+    model = onnx.load(str(workdir / "model-int8.onnx"))
+    scales = {i.name: tuple(i.dims) for i in model.graph.initializer if "scale" in i.name}
+    assert (20,) in scales.values() and (50,) in scales.values(), "per-channel weight scales"
     r = runners["onnxrt-int8"]
     assert r.precision == "int8" and r.graph_ops["QuantizeLinear"] >= 2
     assert r.file_bytes < 0.4 * runners["onnxrt-disable"].file_bytes, "INT8 weights: ~4x smaller"
@@ -313,13 +323,13 @@ def test_fold_conv_bn_hand_checked():
     conv = nn.Conv2d(1, 1, 1, bias=True)
     conv.weight.data.fill_(2.0)
     conv.bias.data.fill_(1.0)
-    bn = nn.BatchNorm2d(1, eps=0.0).eval()
+    bn = nn.BatchNorm2d(1, eps=0.5).eval()
     bn.running_mean.fill_(3.0)
-    bn.running_var.fill_(4.0)
+    bn.running_var.fill_(3.5)
     bn.weight.data.fill_(6.0)
     bn.bias.data.fill_(0.5)
     fused = fold_conv_bn(conv, bn)
-    # s = 6 / sqrt(4) = 3; W' = 2 * 3 = 6; b' = (1 - 3) * 3 + 0.5 = -5.5
+    # s = 6 / sqrt(3.5 + 0.5) = 3; W' = 2 * 3 = 6; b' = (1 - 3) * 3 + 0.5 = -5.5
     assert fused.weight.item() == 6.0 and fused.bias.item() == -5.5
     x = torch.randn(2, 1, 3, 3)
     assert torch.allclose(fused(x), bn(conv(x)))
@@ -386,3 +396,23 @@ def test_tvm_runner_on_a_tiny_model():
     assert check_agreement(r, net, x)["passed"]
     with pytest.raises(ValueError, match="batch size 2 for backend 'tvm'"):
         r(torch.randn(3, 1, 4, 4))
+
+
+class _Branch(nn.Module):
+    """A conv whose output feeds a BN and the residual add: folding the BN would change both."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_fuse_conv_bn_fx_keeps_a_bn_whose_conv_feeds_other_nodes():
+    net = _bn_with_stats(_Branch())
+    gm = fuse_conv_bn_fx(net)
+    assert fx_op_counts(gm)["BatchNorm2d"] == 1
+    x = torch.randn(2, 1, 5, 5)
+    assert torch.allclose(gm(x), net(x), atol=1e-6)

@@ -57,7 +57,7 @@ def workdir(tmp_path_factory):
 def runners(lenet5, mnist, workdir):
     """The trained LeNet-5 exported once to every installed backend that needs no compiler."""
     names = ["eager", "export"] + [n for n in BACKENDS if n.startswith(("onnxrt", "openvino"))]
-    names += ["executorch", "litert", "coreml", "tensorrt"]
+    names += ["litert", "coreml", "tensorrt"]
     return export_runners(lenet5, mnist[0][:4], backends=names, calib=mnist[2], workdir=workdir)
 
 
@@ -292,9 +292,8 @@ def test_openvino_fp32_and_int8(runners, mnist):
 
 def test_unavailable_backends_say_what_is_missing(runners):
     for name, needle in [
-        ("executorch", "executorch"),
-        ("litert", "ai-edge-litert"),
-        ("coreml", "coremltools"),
+        ("litert", "ai-edge-torch"),
+        ("coreml", "macOS"),
         ("tensorrt", "NVIDIA GPU"),
     ]:
         r = runners[name]
@@ -385,6 +384,17 @@ def test_torch_compile_runner_on_a_tiny_model():
         assert "C++ compiler" in r.reason
         return
     assert check_agreement(r, net, x)["passed"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("executorch") is None, reason="needs executorch")
+def test_executorch_runner_on_a_tiny_model():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 1, 4, 4)
+    r = export_runners(net, x, backends=["executorch"])["executorch"]
+    assert isinstance(r, Runner) and r.file_bytes > 0
+    assert check_agreement(r, net, x)["passed"]
+    x3 = torch.randn(3, 1, 4, 4)
+    assert torch.allclose(r(x3), net(x3), atol=FP32_ATOL), "dynamic batch"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tvm") is None, reason="needs apache-tvm")

@@ -538,6 +538,61 @@ def _tvm(ctx: _Context) -> Runner:
     )
 
 
+# ----------------------------------------------------------------- ExecuTorch
+def _executorch(ctx: _Context) -> Runner:
+    """ExecuTorch: the ``torch.export`` program lowered to XNNPACK, run by its Python runtime."""
+    name = "executorch"
+    _require(name, "executorch")
+    try:
+        xnn = importlib.import_module("executorch.backends.xnnpack.partition.xnnpack_partitioner")
+        exir = importlib.import_module("executorch.exir")
+        runtime = importlib.import_module("executorch.runtime").Runtime.get()
+    except Exception as err:
+        raise BackendUnavailable(
+            name, f"executorch is installed but its XNNPACK/runtime fail: {err}"
+        ) from err
+    try:
+        program = exir.to_edge_transform_and_lower(
+            ctx.exported(), partitioner=[xnn.XnnpackPartitioner()]
+        ).to_executorch()
+    except ExportError:
+        raise
+    except Exception as err:
+        raise ExportError(name, f"lowering to XNNPACK failed: {err}") from err
+    path = ctx.workdir / "model.pte"
+    path.write_bytes(program.buffer)
+    method = runtime.load_program(str(path)).load_method("forward")
+
+    def run(x: Tensor) -> Tensor:
+        return method.execute([x])[0]
+
+    return Runner(
+        name,
+        run,
+        ctx.input_shape,
+        file_bytes=_file_bytes(path),
+        version=_version("executorch"),
+        notes="torch.export → edge dialect → XNNPACK delegate (.pte), Python runtime, dynamic batch",
+    )
+
+
+def _coreml(ctx: _Context) -> Runner:
+    import platform
+
+    if platform.system() != "Darwin":
+        have = importlib.util.find_spec("coremltools") is not None
+        raise BackendUnavailable(
+            "coreml",
+            "needs macOS: coremltools"
+            + (" is installed and" if have else " (not installed)")
+            + " can convert on Linux, but Core ML models run only on Apple's Core ML framework",
+        )
+    _require("coreml", "coremltools")
+    raise BackendUnavailable(
+        "coreml", "coremltools is installed, but the course has no runner for it yet"
+    )
+
+
 # ----------------------------------------------------------------- not on this platform
 def _missing(name: str, module: str, reason: str) -> Callable[[_Context], Runner]:
     """A backend this course cannot run here: raises :class:`BackendUnavailable` with ``reason``."""
@@ -584,23 +639,19 @@ BACKENDS: dict[str, Backend] = {
     "openvino": Backend(_openvino, "fp32", "OpenVINO FP32"),
     "openvino-int8": Backend(_openvino_int8, "int8", "OpenVINO INT8 (NNCF PTQ)"),
     "tvm": Backend(_tvm, "fp32", "Apache TVM (Relax, LLVM for this CPU)"),
-    "executorch": Backend(
-        _missing("executorch", "executorch", "needs the package 'executorch' (XNNPACK backend)"),
-        "fp32",
-        "ExecuTorch (XNNPACK)",
-    ),
+    "executorch": Backend(_executorch, "fp32", "ExecuTorch (XNNPACK delegate)"),
     "litert": Backend(
         _missing(
-            "litert", "ai_edge_litert", "needs the packages 'ai-edge-torch' and 'ai-edge-litert'"
+            "litert",
+            "ai_edge_torch",
+            "needs the converter 'ai-edge-torch' (litert-torch) and the runtime 'ai-edge-litert'; "
+            "the converter pulls jax and transformers and pins older pydantic/typing_extensions, "
+            "so the course environment does not install it",
         ),
         "fp32",
         "LiteRT / TensorFlow Lite",
     ),
-    "coreml": Backend(
-        _missing("coreml", "coremltools", "needs 'coremltools'; Core ML models run only on macOS"),
-        "fp32",
-        "Core ML",
-    ),
+    "coreml": Backend(_coreml, "fp32", "Core ML (macOS only)"),
     "tensorrt": Backend(_tensorrt, "fp32", "TensorRT (NVIDIA GPU)"),
 }
 

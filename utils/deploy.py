@@ -30,8 +30,8 @@ import error of this module.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -173,16 +173,6 @@ class OrtCalibrationReader:
 
 
 # ----------------------------------------------------------------- artefacts
-def _hash_model(model: nn.Module, input_shape: tuple[int, ...]) -> str:
-    """A key of a model's class, weights and input shape (for artefact folders)."""
-    h = hashlib.sha256(type(model).__qualname__.encode())
-    h.update(repr(input_shape).encode())
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _version(package: str) -> str:
     try:
         return f"{package} {importlib.metadata.version(package)}"
@@ -239,7 +229,7 @@ class _Context:
             ex2 = torch.cat([self.example[:1]] * 2)
             batch = torch.export.Dim("batch", min=1, max=1024)
             try:
-                with warnings.catch_warnings(), _quiet():
+                with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                     warnings.simplefilter("ignore")
                     program = torch.onnx.export(
                         self.model,
@@ -254,19 +244,6 @@ class _Context:
                 raise ExportError(backend, f"torch.onnx.export failed: {err}") from err
             self.cache["onnx"] = path
         return path
-
-
-class _quiet:
-    """Silence the exporters' progress prints (stdout)."""
-
-    def __enter__(self) -> None:
-        import contextlib
-
-        self._cm = contextlib.redirect_stdout(io.StringIO())
-        self._cm.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._cm.__exit__(*exc)
 
 
 def _file_bytes(*paths: Path) -> int:
@@ -477,7 +454,7 @@ def _openvino_int8(ctx: _Context) -> Runner:
     nncf = _require(name, "nncf")
     calib = ctx.need_calib(name)
     model = ov.convert_model(str(ctx.onnx_path(name)))
-    with warnings.catch_warnings(), _quiet():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         qmodel = nncf.quantize(
             model,

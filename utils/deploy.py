@@ -460,6 +460,8 @@ def _openvino_int8(ctx: _Context) -> Runner:
             model,
             nncf.Dataset([b.numpy() for b in calib]),
             subset_size=len(calib),  # NNCF counts dataset items, here batches
+            preset=nncf.QuantizationPreset.MIXED,  # symmetric weights, asymmetric activations
+            fast_bias_correction=False,  # full bias correction: SmallResNet 96.5 % -> 99.7 % agreement
         )
     return _ov_runner(
         name,
@@ -467,7 +469,7 @@ def _openvino_int8(ctx: _Context) -> Runner:
         qmodel,
         ctx,
         "int8",
-        f"NNCF post-training INT8, {len(calib)} real calibration batches",
+        f"NNCF post-training INT8 (mixed preset, bias correction), {len(calib)} real calibration batches",
     )
 
 

@@ -165,3 +165,36 @@ def test_bad_inputs(setup):
         prune_stage(model, AccelerationConfig(amount=0.99))
     with pytest.raises(ValueError, match="stages"):
         stage_table({})
+
+
+def test_compress_with_teacher_distils_from_the_other_baseline(setup, tmp_cache, monkeypatch):
+    from types import SimpleNamespace
+
+    from utils.compression import PipelineConfig
+    from utils.pipeline import compress_with_teacher
+
+    model, train, _ = setup
+    teacher = LeNet5(num_classes=CLASSES, input_size=SIDE)
+    zoo = {"student": model, "teacher": teacher}
+    monkeypatch.setattr(P, "load_baseline", lambda name, dataset, seed=0: zoo[name])
+    monkeypatch.setattr(
+        P, "load_splits", lambda dataset, seed=0: SimpleNamespace(train=train.dataset)
+    )
+    calls = []
+
+    def spy(student, big, loader, config):
+        calls.append(big)
+        return {k: student for k in ("dense", "pruned", "quantized")}
+
+    monkeypatch.setattr(P, "prune_quantize_distill", spy)
+    config = PipelineConfig(sparsity=0.5, bits=3, prune_steps=1, prune_epochs=0, quant_epochs=0)
+    out = compress_with_teacher("student", "tiny", config, "teacher")
+    assert calls == [teacher] and set(out) == {"dense", "pruned", "quantized"}
+    compress_with_teacher("student", "tiny", config, "teacher")  # cached: no second training
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="low_rank_energy"):
+        compress_with_teacher("student", "tiny", PipelineConfig(low_rank_energy=0.8), "teacher")
+    with pytest.raises(TypeError, match="teacher"):
+        compress_with_teacher("student", "tiny", config, teacher)
+    with pytest.raises(TypeError, match="config"):
+        compress_with_teacher("student", "tiny", {"bits": 4}, "teacher")

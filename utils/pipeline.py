@@ -34,8 +34,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from utils.benchmark import count_macs, count_parameters, state_dict_bytes
-from utils.cache import cached_state
-from utils.config import seed_everything
+from utils.cache import baseline_config, cached_state, load_baseline
+from utils.compression import PipelineConfig, prune_quantize_distill
+from utils.config import get_device, seed_everything
+from utils.data import load_splits, make_loader
 from utils.distillation import distill
 from utils.production import quantize_static_int8
 from utils.pruning import prune_channels
@@ -227,6 +229,55 @@ def accelerate(
     return {k: Stage(k, m, stage_row(k, m, test_loader)) for k, m in models.items()}
 
 
+def compress_with_teacher(
+    model: str,
+    dataset: str,
+    config: PipelineConfig,
+    teacher: str,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, nn.Module]:
+    """Deep Compression of a cached baseline whose fine-tuning distils from *another* baseline.
+
+    :func:`utils.compression.compress_baseline` distils from the dense model itself
+    (same architecture, same accuracy: little to learn). Here the teacher is the
+    cached baseline ``teacher`` (e.g. LeNet-5 for LeNet-300-100), through
+    :func:`utils.compression.prune_quantize_distill`. The stages
+    ``{"dense", "pruned", "quantized"}`` are cached by both baselines' configurations
+    and ``config``; they come back on the CPU in eval mode.
+    """
+    check_type("model", model, str)
+    check_type("teacher", teacher, str)
+    check_type("config", config, PipelineConfig)
+    if config.low_rank_energy is not None:
+        raise ValueError("config.low_rank_energy must be None here (use compress_baseline)")
+    check_int("batch_size", batch_size, minimum=1)
+    dense = load_baseline(model, dataset, seed=seed)
+    key = {
+        "baseline": baseline_config(model, dataset, seed=seed),
+        "teacher": baseline_config(teacher, dataset, seed=seed),
+        "pipeline": config.as_dict(),
+        "batch_size": batch_size,
+    }
+
+    def build() -> nn.Module:
+        return nn.ModuleDict({k: copy.deepcopy(dense) for k in ("dense", "pruned", "quantized")})
+
+    def train(holder: nn.Module) -> None:
+        # the teacher and the student train on one device (get_device(), like fit)
+        big = load_baseline(teacher, dataset, seed=seed).to(get_device())
+        seed_everything(seed)
+        loader = make_loader(
+            load_splits(dataset, seed=seed).train, batch_size, shuffle=True, seed=seed
+        )
+        for name, stage in prune_quantize_distill(dense, big, loader, config).items():
+            holder[name].load_state_dict(stage.state_dict())
+
+    holder, _, _ = cached_state(f"dc-{model}-from-{teacher}-{dataset}", key, build, train)
+    return {name: stage.cpu().eval() for name, stage in holder.items()}
+
+
 def stage_table(stages: dict[str, Stage]):
     """The stages' rows as a DataFrame indexed by stage (``params`` and ``macs`` as integers)."""
     import pandas as pd
@@ -247,5 +298,6 @@ __all__ = [
     "distill_stage",
     "int8_stage",
     "accelerate",
+    "compress_with_teacher",
     "stage_table",
 ]

@@ -175,7 +175,7 @@ def test_compress_with_teacher_distils_from_the_other_baseline(setup, tmp_cache,
 
     model, train, _ = setup
     teacher = LeNet5(num_classes=CLASSES, input_size=SIDE)
-    zoo = {"student": model, "teacher": teacher}
+    zoo = {"lenet300": model, "lenet5": teacher}  # names a baseline config accepts
     monkeypatch.setattr(P, "load_baseline", lambda name, dataset, seed=0: zoo[name])
     monkeypatch.setattr(
         P, "load_splits", lambda dataset, seed=0: SimpleNamespace(train=train.dataset)
@@ -188,13 +188,13 @@ def test_compress_with_teacher_distils_from_the_other_baseline(setup, tmp_cache,
 
     monkeypatch.setattr(P, "prune_quantize_distill", spy)
     config = PipelineConfig(sparsity=0.5, bits=3, prune_steps=1, prune_epochs=0, quant_epochs=0)
-    out = compress_with_teacher("student", "tiny", config, "teacher")
+    out = compress_with_teacher("lenet300", "digits", config, "lenet5")
     assert calls == [teacher] and set(out) == {"dense", "pruned", "quantized"}
-    compress_with_teacher("student", "tiny", config, "teacher")  # cached: no second training
+    compress_with_teacher("lenet300", "digits", config, "lenet5")  # cached: no second training
     assert len(calls) == 1
     with pytest.raises(ValueError, match="low_rank_energy"):
-        compress_with_teacher("student", "tiny", PipelineConfig(low_rank_energy=0.8), "teacher")
+        compress_with_teacher("lenet300", "digits", PipelineConfig(low_rank_energy=0.8), "lenet5")
     with pytest.raises(TypeError, match="teacher"):
-        compress_with_teacher("student", "tiny", config, teacher)
+        compress_with_teacher("lenet300", "digits", config, teacher)
     with pytest.raises(TypeError, match="config"):
-        compress_with_teacher("student", "tiny", {"bits": 4}, "teacher")
+        compress_with_teacher("lenet300", "digits", {"bits": 4}, "lenet5")

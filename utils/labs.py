@@ -18,15 +18,23 @@ a prompt for a written answer. Outputs are cleared. Usage::
 
     python -m utils.labs            # (re)write labs/ from solutions/
     python -m utils.labs --check    # exit 1 when labs/ differs from what would be generated
+
+Check cells use :func:`forbid` to prove that an exercise is answered by the student's own
+code and not by a call to the course's reference implementation that the lab imports
+to compare with.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import CodeType, FunctionType, ModuleType
 
 import nbformat
 
@@ -115,6 +123,67 @@ def generate(root: Path = ROOT, check: bool = False) -> list[str]:
                 dst.write_text(student, encoding="utf-8")
     stray = {p.name for p in labs.glob("*.ipynb")} - {p.name for p in sources}
     return changed + sorted(stray)
+
+
+def _raiser_code(qualname: str) -> CodeType:
+    """Code of a function that raises an AssertionError naming the forbidden reference."""
+    message = (
+        f"your code called the course's reference `{qualname}`: "
+        "this exercise asks you to write that part yourself"
+    )
+    namespace: dict = {}
+    exec(f"def _forbidden(*args, **kwargs):\n    raise AssertionError({message!r})", namespace)
+    return namespace["_forbidden"].__code__
+
+
+def _forbidden_functions(target: object, allow: set[str]) -> list[FunctionType]:
+    """The plain functions that ``target`` (a module, class or function) stands for."""
+    if isinstance(target, ModuleType):
+        found = []
+        for name, obj in vars(target).items():
+            if name in allow or getattr(obj, "__module__", None) != target.__name__:
+                continue
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                found += _forbidden_functions(obj, allow)
+        return found
+    if inspect.isclass(target):
+        return [
+            inspect.unwrap(f)
+            for name, f in vars(target).items()
+            if inspect.isfunction(f) and name not in allow
+        ]
+    if inspect.isfunction(target):
+        return [inspect.unwrap(target)]
+    raise TypeError(f"targets must be modules, classes or functions, got {type(target).__name__}")
+
+
+@contextmanager
+def forbid(*targets: object, allow: tuple[str, ...] = ()) -> Iterator[None]:
+    """Inside the block, every function of ``targets`` raises ``AssertionError``.
+
+    ``targets`` are modules (all functions and methods of classes defined there),
+    classes (their methods) or functions; names in ``allow`` stay usable. The code
+    object of each function is swapped, so every alias (``ref.quantize``, ``from
+    utils.quantization import quantize``) is caught. A check cell wraps the call of
+    the student's function in it::
+
+        with forbid(ref):
+            ours = my_quantize(x, scale, zero_point)
+    """
+    functions = []
+    for target in targets:
+        functions += _forbidden_functions(target, set(allow))
+    saved = []
+    try:
+        for f in dict.fromkeys(functions):
+            if f.__code__.co_freevars:  # a closure cannot take another code object
+                continue
+            saved.append((f, f.__code__))
+            f.__code__ = _raiser_code(f.__qualname__)
+        yield
+    finally:
+        for f, code in saved:
+            f.__code__ = code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -375,34 +375,242 @@ _LAB02 = [
     ),
     LabMutant(
         "bias at the weight scale only",
-        "def build_integer_mlp(",
-        "lin.bias.detach() / (s_x * s_w)",
-        "lin.bias.detach() / s_w",
+        "def integer_layer_params(",
+        "bias.detach() / (s_x * s_w)",
+        "bias.detach() / s_w",
     ),
     LabMutant(
         "one multiplier for all channels",
-        "def build_integer_mlp(",
+        "def integer_layer_params(",
         "float(s_x) * float(s_w[c]) / float(s_y)",
         "float(s_x) * float(s_w.max()) / float(s_y)",
     ),
     LabMutant(
         "multiplier S_y / (S_x S_w) upside down",
-        "def build_integer_mlp(",
+        "def integer_layer_params(",
         "float(s_x) * float(s_w[c]) / float(s_y)",
         "float(s_y) / (float(s_x) * float(s_w[c]))",
     ),
     LabMutant(
         "float32 bias",
-        "def build_integer_mlp(",
-        "q_b = torch.round(lin.bias.detach() / (s_x * s_w)).to(torch.int32)",
-        "q_b = torch.round(lin.bias.detach() / (s_x * s_w))",
+        "def integer_layer_params(",
+        "q_b = torch.round(bias.detach() / (s_x * s_w)).to(torch.int32)",
+        "q_b = torch.round(bias.detach() / (s_x * s_w))",
+    ),
+]
+
+_LAB03 = [
+    LabMutant(
+        "prunes the largest |w|",
+        "def magnitude_mask(",
+        "k, largest=False)",
+        "k, largest=True)",
+    ),
+    LabMutant(
+        "k = floor(amount * n)",
+        "def magnitude_mask(",
+        "k = round(amount * w.numel())",
+        "k = int(amount * w.numel())",
+    ),
+    LabMutant(
+        "signed w instead of |w|",
+        "def magnitude_mask(",
+        "torch.topk(w.detach().abs().flatten()",
+        "torch.topk(w.detach().flatten()",
+    ),
+    LabMutant(
+        "no ValueError for a bad amount",
+        "def magnitude_mask(",
+        'raise ValueError(f"amount must be in [0, 1), got {amount}")',
+        "pass",
+    ),
+    LabMutant(
+        "calls the reference magnitude_mask",
+        "def magnitude_mask(",
+        "    mask = torch.ones_like(w)\n",
+        "    return pruning.magnitude_mask(w, amount)\n    mask = torch.ones_like(w)\n",
+    ),
+    LabMutant(
+        "threshold one rank too high",
+        "def global_threshold(",
+        "torch.kthvalue(flat, k)",
+        "torch.kthvalue(flat, min(k + 1, flat.numel()))",
+    ),
+    LabMutant(
+        "per-layer instead of global masks",
+        "def global_threshold(",
+        "    t = global_threshold(weights, amount)\n    return [(w.detach().abs() > t).to(w.dtype) for w in weights]",
+        "    return [(w.detach().abs() > global_threshold([w], amount)).to(w.dtype) for w in weights]",
+    ),
+    LabMutant(
+        ">= keeps the weights at the threshold",
+        "def global_threshold(",
+        "(w.detach().abs() > t)",
+        "(w.detach().abs() >= t)",
+    ),
+    LabMutant(
+        "boolean masks",
+        "def global_threshold(",
+        "(w.detach().abs() > t).to(w.dtype)",
+        "(w.detach().abs() > t)",
+    ),
+    LabMutant(
+        "BN running statistics not copied",
+        "def prune_conv_bn_conv(",
+        "        new_bn.running_mean.copy_(bn.running_mean[keep])\n        new_bn.running_var.copy_(bn.running_var[keep])\n",
+        "",
+    ),
+    LabMutant(
+        "keep not sorted",
+        "def prune_conv_bn_conv(",
+        "keep = torch.as_tensor(keep, dtype=torch.long).sort().values",
+        "keep = torch.as_tensor(keep, dtype=torch.long)",
+    ),
+    LabMutant(
+        "conv2 bias dropped",
+        "def prune_conv_bn_conv(",
+        "        if conv2.bias is not None:\n            new2.bias.copy_(conv2.bias)\n",
+        "",
+    ),
+    LabMutant(
+        "empty keep accepted",
+        "def prune_conv_bn_conv(",
+        'raise ValueError("keep is empty: a width of 0 disconnects the network")',
+        "pass",
+    ),
+    LabMutant(
+        "calls the reference prune_group",
+        "def prune_conv_bn_conv(",
+        "    n = len(keep)\n",
+        "    new = copy.deepcopy([conv1, bn, conv2])\n"
+        '    prune_group(ChannelGroup("c", [new[0]], [new[1]], [], [(new[2], 1)]), keep)\n'
+        "    return tuple(new)\n    n = len(keep)\n",
+    ),
+    LabMutant(
+        "L2 norm instead of L1",
+        "def prune_conv_bn_conv(",
+        "conv.weight.detach().abs().sum(dim=(1, 2, 3))",
+        "conv.weight.detach().pow(2).sum(dim=(1, 2, 3))",
+    ),
+    LabMutant(
+        "keeps the smallest filters",
+        "def prune_conv_bn_conv(",
+        "torch.topk(norms, n_keep).indices",
+        "torch.topk(norms, n_keep, largest=False).indices",
+    ),
+    LabMutant(
+        "rounds the number kept",
+        "def prune_conv_bn_conv(",
+        "n_keep = int(conv.out_channels * (1 - amount) + 1e-9)",
+        "n_keep = round(conv.out_channels * (1 - amount))",
+    ),
+    LabMutant(
+        "indices in norm order, not ascending",
+        "def prune_conv_bn_conv(",
+        "return torch.topk(norms, n_keep).indices.sort().values",
+        "return torch.topk(norms, n_keep).indices",
+    ),
+]
+
+_LAB04 = [
+    LabMutant(
+        "no T² factor",
+        "def my_kd_loss(",
+        ".mean() * temperature**2",
+        ".mean()",
+    ),
+    LabMutant(
+        "teacher logits not detached",
+        "def my_kd_loss(",
+        "teacher_logits.detach() / temperature",
+        "teacher_logits / temperature",
+    ),
+    LabMutant(
+        "log of softmax instead of log_softmax",
+        "def my_kd_loss(",
+        "log_q = F.log_softmax(student_logits / temperature, dim=1)",
+        "log_q = torch.log(F.softmax(student_logits / temperature, dim=1))",
+    ),
+    LabMutant(
+        "KL in the wrong direction",
+        "def my_kd_loss(",
+        "(log_p.exp() * (log_p - log_q))",
+        "(log_q.exp() * (log_q - log_p))",
+    ),
+    LabMutant(
+        "kl_div averaged over batch × classes",
+        "def my_kd_loss(",
+        "soft = (log_p.exp() * (log_p - log_q)).sum(dim=1).mean() * temperature**2",
+        'soft = F.kl_div(log_q, log_p, log_target=True, reduction="mean") * temperature**2',
+    ),
+    LabMutant(
+        "teacher logits not softened by T",
+        "def my_kd_loss(",
+        "F.log_softmax(teacher_logits.detach() / temperature, dim=1)",
+        "F.log_softmax(teacher_logits.detach(), dim=1)",
+    ),
+    LabMutant(
+        "alpha on the cross-entropy",
+        "def my_kd_loss(",
+        "return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)",
+        "return (1 - alpha) * soft + alpha * F.cross_entropy(student_logits, labels)",
+    ),
+    LabMutant(
+        "cross-entropy on softened logits",
+        "def my_kd_loss(",
+        "F.cross_entropy(student_logits, labels)",
+        "F.cross_entropy(student_logits / temperature, labels)",
+    ),
+    LabMutant(
+        "calls the reference kd_loss",
+        "def my_kd_loss(",
+        "    log_q = F.log_softmax(student_logits / temperature, dim=1)\n",
+        "    return kd_loss(student_logits, teacher_logits, temperature, labels, alpha)\n",
+    ),
+    LabMutant(
+        "step ignores its temperature and alpha",
+        "def make_distill_step(",
+        "return my_kd_loss(model(x), teacher_logits, temperature, y, alpha)",
+        "return my_kd_loss(model(x), teacher_logits, 4.0, y, 0.9)",
+    ),
+    LabMutant(
+        "student and teacher logits swapped",
+        "def make_distill_step(",
+        "return my_kd_loss(model(x), teacher_logits, temperature, y, alpha)",
+        "return my_kd_loss(teacher_logits, model(x), temperature, y, alpha)",
+    ),
+    LabMutant(
+        "step without the hard labels",
+        "def make_distill_step(",
+        "return my_kd_loss(model(x), teacher_logits, temperature, y, alpha)",
+        "return my_kd_loss(model(x), teacher_logits, temperature)",
+    ),
+    LabMutant(
+        "calls the reference make_kd_loss",
+        "def make_distill_step(",
+        "        with torch.no_grad():\n            teacher_logits = teacher(x)\n",
+        "        return make_kd_loss(teacher, temperature, alpha)(model, x, y)\n",
+    ),
+    LabMutant(
+        "trains on the hard labels only",
+        "def train_distilled(",
+        "        compute_loss=make_distill_step(teacher, 4.0, 0.9),\n",
+        "",
+        until="distilled_acc = evaluate(",
+    ),
+    LabMutant(
+        "calls the reference distill",
+        "def train_distilled(",
+        "    fit(\n        student,",
+        '    distill(student, teacher, loader, method="kd", epochs=epochs)\n    return\n    fit(\n        student,',
+        until="distilled_acc = evaluate(",
     ),
 ]
 
 MUTANTS: dict[str, list[LabMutant]] = {
     "01_benchmarking": _LAB01,
     "02_quantization": _LAB02,
-    "03_pruning": [],
-    "04_distillation": [],
+    "03_pruning": _LAB03,
+    "04_distillation": _LAB04,
     "05_deep_compression": [],
 }

@@ -11,6 +11,7 @@ re-executed so that the next mutant starts from the solution's state.
 from __future__ import annotations
 
 import ast
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,18 +111,24 @@ class LiveLab:
     client: NotebookClient
     errors: dict[int, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # nbclient stores each executed cell back into the notebook: keep the solution apart
+        self.solution = copy.deepcopy(self.nb)
+
     def run(self, index: int, source: str | None = None) -> str | None:
         """Execute cell ``index`` (with ``source`` instead of its own); return its error or None."""
-        original = self.nb.cells[index]
+        original = self.solution.cells[index]
         cell = nbformat.v4.new_code_cell(original.source if source is None else source)
-        cell.metadata = original.metadata
+        cell.metadata = copy.deepcopy(original.metadata)
         self.client.execute_cell(cell, index)
         return _error_text(cell) if _errored(cell) else None
 
     def cell_index(self, marker: str) -> int:
         """The one code cell whose source contains ``marker``."""
         found = [
-            i for i, c in enumerate(self.nb.cells) if c.cell_type == "code" and marker in c.source
+            i
+            for i, c in enumerate(self.solution.cells)
+            if c.cell_type == "code" and marker in c.source
         ]
         assert len(found) == 1, f"{self.path.name}: marker {marker!r} is in code cells {found}"
         return found[0]
@@ -143,7 +150,7 @@ def live_lab(request):
 
 
 def test_checks_pass_on_solution_and_fail_on_student_version(live_lab: LiveLab):
-    path, solution = live_lab.path, live_lab.nb
+    path, solution = live_lab.path, live_lab.solution
     checks = _check_cells(solution)
     assert checks, f"{path.name} has no cell tagged 'check'"
     assert live_lab.errors == {}, f"{path.name}: solution cells raised {live_lab.errors}"
@@ -188,17 +195,17 @@ def _try_mutant(lab: LiveLab, mutant: LabMutant) -> str | None:
     """Run one mutant; return the failing check's error (caught) or None (survived)."""
     index = lab.cell_index(mutant.cell)
     last = lab.cell_index(mutant.until) if mutant.until else None
-    checks = _check_cells(lab.nb)
+    checks = _check_cells(lab.solution)
     if last is None:
         later = [i for i in checks if i > index]
         assert later, f"mutant {mutant.name!r}: no check cell after cell {index}"
         last = later[0]
     caught, ran = None, index
     try:
-        error = lab.run(index, _mutate(lab.nb.cells[index].source, mutant))
+        error = lab.run(index, _mutate(lab.solution.cells[index].source, mutant))
         assert error is None, f"mutant {mutant.name!r} does not run: {error}"
         for i in range(index + 1, last + 1):
-            if lab.nb.cells[i].cell_type != "code":
+            if lab.solution.cells[i].cell_type != "code":
                 continue
             ran = i
             error = lab.run(i)
@@ -208,7 +215,7 @@ def _try_mutant(lab: LiveLab, mutant: LabMutant) -> str | None:
             assert error is None, f"mutant {mutant.name!r} crashes given cell {i}: {error}"
     finally:  # back to the solution's state for the next mutant
         for i in range(index, ran + 1):
-            if lab.nb.cells[i].cell_type == "code":
+            if lab.solution.cells[i].cell_type == "code":
                 error = lab.run(i)
                 assert error is None, f"restoring cell {i} after {mutant.name!r} failed: {error}"
     return caught

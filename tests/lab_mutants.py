@@ -607,10 +607,122 @@ _LAB04 = [
     ),
 ]
 
+_LAB05 = [
+    LabMutant(
+        "k-means started from the first k values",
+        "def kmeans_1d(",
+        "c = torch.linspace(float(x.min()), float(x.max()), k, dtype=torch.float64)",
+        "c = x[:k].clone()",
+    ),
+    LabMutant(
+        "one Lloyd iteration only",
+        "def kmeans_1d(",
+        "for _ in range(iters):",
+        "for _ in range(1):",
+    ),
+    LabMutant(
+        "empty clusters moved to 0",
+        "def kmeans_1d(",
+        "c = torch.where(counts > 0, sums / counts.clamp(min=1), c)",
+        "c = sums / counts.clamp(min=1)",
+    ),
+    LabMutant(
+        "zeros clustered with the rest",
+        "def share_weight(",
+        "    nz = w != 0\n",
+        "    nz = torch.ones_like(w, dtype=torch.bool)\n",
+    ),
+    LabMutant(
+        "cluster labels not shifted past the pruned index",
+        "def share_weight(",
+        "indices[nz] = labels + 1",
+        "indices[nz] = labels",
+    ),
+    LabMutant(
+        "calls the reference share_weight",
+        "def share_weight(",
+        "    nz = w != 0\n",
+        "    ref = C.share_weight(weight, bits)\n    return ref.centroids, ref.indices\n",
+    ),
+    LabMutant(
+        "pruned weights' gradients counted",
+        "def centroid_gradient(",
+        "weight_grad.flatten())[1:]",
+        "weight_grad.flatten())[1:] + weight_grad[indices == 0].sum()",
+    ),
+    LabMutant(
+        "mean instead of sum of the gradients",
+        "def centroid_gradient(",
+        "return sums.index_add_(0, indices.flatten(), weight_grad.flatten())[1:]",
+        "counts = torch.bincount(indices.flatten(), minlength=num_centroids + 1).clamp(min=1)\n"
+        "    return (sums.index_add_(0, indices.flatten(), weight_grad.flatten()) / counts)[1:]",
+    ),
+    LabMutant(
+        "no centroid fine-tuning",
+        "def finetune_centroids(",
+        "            for name, layer in layers.items():\n                codebooks[name].grad = centroid_gradient(\n                    layer.weight.grad, shared[name][1], codebooks[name].numel()\n                )\n            opt.step()",
+        "            pass",
+    ),
+    LabMutant(
+        "centroid gradients set but no optimizer step",
+        "def finetune_centroids(",
+        "            opt.step()",
+        "            pass",
+    ),
+    LabMutant(
+        "dense weights trained instead of the codebook",
+        "def finetune_centroids(",
+        "            for name, layer in layers.items():\n                codebooks[name].grad = centroid_gradient(\n                    layer.weight.grad, shared[name][1], codebooks[name].numel()\n                )\n            opt.step()",
+        "            with torch.no_grad():\n                for layer in layers.values():\n                    layer.weight -= lr * layer.weight.grad",
+    ),
+    LabMutant(
+        "merge adds length to one tree only",
+        "def huffman_code_lengths(",
+        "for s in t1 + t2:",
+        "for s in t1:",
+    ),
+    LabMutant(
+        "a single symbol gets length 0",
+        "def huffman_code_lengths(",
+        "        lengths[heap[0][1]] = 1\n",
+        "",
+    ),
+    LabMutant(
+        "calls the reference huffman_code_lengths",
+        "def huffman_code_lengths(",
+        "    heap = [(c, s, [s]) for s, c in enumerate(counts) if c > 0]\n",
+        "    return C.huffman_code_lengths(counts)\n",
+    ),
+    LabMutant(
+        "least significant bit first",
+        "def huffman_code_lengths(",
+        'return int(bits, 2).to_bytes(len(bits) // 8, "big")',
+        'return int(bits[::-1], 2).to_bytes(len(bits) // 8, "little")',
+    ),
+    LabMutant(
+        "no padding to whole bytes",
+        "def huffman_code_lengths(",
+        '    bits += "0" * (-len(bits) % 8)\n',
+        "",
+    ),
+    LabMutant(
+        "decoder keeps the prefix after a match",
+        "def huffman_code_lengths(",
+        '                out.append(decoder[prefix])\n                prefix = ""\n',
+        "                out.append(decoder[prefix])\n",
+    ),
+    LabMutant(
+        "calls the reference huffman_encode",
+        "def huffman_code_lengths(",
+        '    bits = "".join(codes[int(s)] for s in symbols)\n',
+        "    return C.huffman_encode(symbols, lengths)\n",
+    ),
+]
+
 MUTANTS: dict[str, list[LabMutant]] = {
     "01_benchmarking": _LAB01,
     "02_quantization": _LAB02,
     "03_pruning": _LAB03,
     "04_distillation": _LAB04,
-    "05_deep_compression": [],
+    "05_deep_compression": _LAB05,
 }

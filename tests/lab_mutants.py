@@ -409,8 +409,8 @@ _LAB03 = [
     LabMutant(
         "k = floor(amount * n)",
         "def magnitude_mask(",
-        "k = round(amount * w.numel())",
-        "k = int(amount * w.numel())",
+        "    mask = torch.ones_like(w)\n    k = round(amount * w.numel())",
+        "    mask = torch.ones_like(w)\n    k = int(amount * w.numel())",
     ),
     LabMutant(
         "signed w instead of |w|",

@@ -125,14 +125,47 @@ def generate(root: Path = ROOT, check: bool = False) -> list[str]:
     return changed + sorted(stray)
 
 
-def _raiser_code(qualname: str) -> CodeType:
-    """Code of a function that raises an AssertionError naming the forbidden reference."""
+# Original code of the functions that :func:`forbid` has switched off, by ``id`` of the function.
+_ORIGINALS: dict[int, FunctionType] = {}
+# Frames of these packages (decorators, context managers) are skipped when finding the caller.
+_WRAPPER_PACKAGES = ("torch", "functools", "contextlib")
+
+
+def _caller_is_inside(module_globals: dict) -> bool:
+    """True when the caller of the forbidden function is code of the same module.
+
+    The reference may use its own helpers; only calls from elsewhere (the student's
+    notebook) are forbidden. Frames of decorators (``torch.no_grad``, ``functools``)
+    between the two are skipped.
+    """
+    frame = sys._getframe(2)
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith(
+        _WRAPPER_PACKAGES
+    ):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals is module_globals
+
+
+def _raiser_code(f: FunctionType) -> CodeType:
+    """Code for ``f`` that runs the original from inside its module and raises elsewhere."""
     message = (
-        f"your code called the course's reference `{qualname}`: "
+        f"your code called the course's reference `{f.__qualname__}`: "
         "this exercise asks you to write that part yourself"
     )
+    _ORIGINALS[id(f)] = FunctionType(
+        f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__
+    )
+    _ORIGINALS[id(f)].__kwdefaults__ = f.__kwdefaults__
+    source = (
+        "def _forbidden(*args, **kwargs):\n"
+        "    import sys\n"
+        "    labs = sys.modules['utils.labs']\n"
+        "    if labs._caller_is_inside(globals()):\n"
+        f"        return labs._ORIGINALS[{id(f)}](*args, **kwargs)\n"
+        f"    raise AssertionError({message!r})\n"
+    )
     namespace: dict = {}
-    exec(f"def _forbidden(*args, **kwargs):\n    raise AssertionError({message!r})", namespace)
+    exec(source, namespace)
     return namespace["_forbidden"].__code__
 
 
@@ -162,7 +195,8 @@ def forbid(*targets: object, allow: tuple[str, ...] = ()) -> Iterator[None]:
     """Inside the block, every function of ``targets`` raises ``AssertionError``.
 
     ``targets`` are modules (all functions and methods of classes defined there),
-    classes (their methods) or functions; names in ``allow`` stay usable. The code
+    classes (their methods) or functions; names in ``allow`` stay usable, and so do
+    calls from inside the module itself (the reference's own helpers). The code
     object of each function is swapped, so every alias (``ref.quantize``, ``from
     utils.quantization import quantize``) is caught. A check cell wraps the call of
     the student's function in it::
@@ -179,11 +213,12 @@ def forbid(*targets: object, allow: tuple[str, ...] = ()) -> Iterator[None]:
             if f.__code__.co_freevars:  # a closure cannot take another code object
                 continue
             saved.append((f, f.__code__))
-            f.__code__ = _raiser_code(f.__qualname__)
+            f.__code__ = _raiser_code(f)
         yield
     finally:
         for f, code in saved:
             f.__code__ = code
+            _ORIGINALS.pop(id(f), None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,8 @@
 
 Each :class:`LabMutant` replaces ``old`` (once, inside a solution region) of the code cell
 that contains ``cell`` by ``new``. ``tests/test_labs.py`` runs the mutated cell in the
-solution's live kernel, then the cells after it up to the first check cell (or up to the
-cell containing ``until``), and requires a check cell to fail.
+solution's live kernel, then the cells after it through the run of check cells that follows
+(or up to the cell containing ``until``), and requires a check cell to fail.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class LabMutant:
     cell: str
     old: str
     new: str
-    until: str | None = None  # a marker of the last cell to run; default: the next check cell
+    until: str | None = None  # marker of the last cell to run; default: the next run of checks
 
 
 _TIMED_LOOP = """    times = []

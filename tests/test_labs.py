@@ -196,10 +196,13 @@ def _try_mutant(lab: LiveLab, mutant: LabMutant) -> str | None:
     index = lab.cell_index(mutant.cell)
     last = lab.cell_index(mutant.until) if mutant.until else None
     checks = _check_cells(lab.solution)
-    if last is None:
+    if last is None:  # the exercise's checks: the run of check cells after the cell
         later = [i for i in checks if i > index]
         assert later, f"mutant {mutant.name!r}: no check cell after cell {index}"
+        code = [i for i, c in enumerate(lab.solution.cells) if c.cell_type == "code"]
         last = later[0]
+        while (nxt := code.index(last) + 1) < len(code) and code[nxt] in checks:
+            last = code[nxt]
     caught, ran = None, index
     try:
         error = lab.run(index, _mutate(lab.solution.cells[index].source, mutant))

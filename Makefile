@@ -80,7 +80,7 @@ unit: venv
 	$(BIN)/pytest tests lessons --ignore=tests/test_site.py --nbval-lax --nbval-current-env \
 		--durations=15
 
-test: venv lint unit book-ci
+test: venv lint unit book-ci site-test
 
 strip: venv
 	$(BIN)/jupyter nbconvert --clear-output --inplace lessons/*.ipynb solutions/*.ipynb

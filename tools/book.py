@@ -63,14 +63,23 @@ def derive_toc(toc: dict, site: str) -> dict:
     return {**toc, "parts": parts}
 
 
-def derive_config(config: dict, site: str, profile: str, execute: bool, cache: Path) -> dict:
-    """The book configuration of one variant: title, banner, execution mode and cache folder."""
+def derive_config(
+    config: dict, site: str, profile: str, execute: bool, cache: Path, root: Path = ROOT
+) -> dict:
+    """The book configuration of one variant: title, banner, execution mode and cache folder.
+
+    Paths of local Sphinx extensions become absolute: Jupyter Book resolves them against the
+    folder of the configuration file, which for a variant is its build folder.
+    """
     label, contents = SITES[site]
     ran = f"由 COURSE_PROFILE={profile} 执行生成" if execute else "未执行笔记本的 CI 构建（无输出）"
     derived = yaml.safe_load(yaml.safe_dump(config))  # deep copy
     derived["title"] = f"{config['title']}（{label}）"
     derived["execute"]["execute_notebooks"] = "cache" if execute else "off"
     derived["execute"]["cache"] = str(cache)
+    local = derived.get("sphinx", {}).get("local_extensions", {})
+    for name, path in local.items():
+        local[name] = str((root / path).resolve())
     derived.setdefault("html", {})["announcement"] = (
         f'<span class="course-variant" data-site="{site}" data-profile="{profile}"'
         f' data-executed="{str(execute).lower()}">{label}：{contents} · {ran}</span>'
@@ -88,7 +97,7 @@ def build(root: Path, site: str, profile: str, execute: bool) -> Path:
     config = yaml.safe_load((root / "_config.yml").read_text(encoding="utf-8"))
     toc = yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))
     config_path, toc_path = out / "_config.yml", out / "_toc.yml"
-    derived = derive_config(config, site, profile, execute, cache)
+    derived = derive_config(config, site, profile, execute, cache, root)
     config_path.write_text(yaml.safe_dump(derived, allow_unicode=True), encoding="utf-8")
     toc_path.write_text(yaml.safe_dump(derive_toc(toc, site), allow_unicode=True), "utf-8")
     jupyter_book = Path(sys.executable).with_name("jupyter-book")

@@ -89,6 +89,19 @@ def derive_config(
     return derived
 
 
+def kernel_profile(folder: Path) -> Path:
+    """An IPython directory whose kernels log errors only, for the notebooks the build executes.
+
+    Each kernel otherwise logs "Kernel is running over TCP without encryption" (ipykernel 7; the
+    kernel listens on this machine only), once per notebook in the build log. Warnings that
+    notebook code raises are outputs of its cells and still show.
+    """
+    config = folder / "profile_default" / "ipython_kernel_config.py"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text('c.IPKernelApp.log_level = "ERROR"\n', encoding="utf-8")
+    return folder
+
+
 def build(root: Path, site: str, profile: str, execute: bool) -> Path:
     """Write the derived configuration, run ``jupyter-book build`` and return the HTML folder."""
     out = root / "_build" / variant_name(site, profile, execute)
@@ -103,7 +116,8 @@ def build(root: Path, site: str, profile: str, execute: bool) -> Path:
     jupyter_book = Path(sys.executable).with_name("jupyter-book")
     command = [str(jupyter_book), "build", str(root), "-W", "--keep-going"]
     command += ["--config", str(config_path), "--toc", str(toc_path), "--path-output", str(out)]
-    env = {**os.environ, PROFILE_ENV: profile}
+    ipython = kernel_profile(root / "_build" / "ipython")
+    env = {**os.environ, PROFILE_ENV: profile, "IPYTHONDIR": str(ipython)}
     subprocess.run(command, check=True, env=env, cwd=root)
     return html_dir(root, site, profile, execute)
 

@@ -264,7 +264,7 @@ Promise.race([typeset, new Promise(r => setTimeout(r, 15000))]).then(() => {
         i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]),
     outputImages: document.querySelectorAll('.cell_output img').length,
     outputTables: document.querySelectorAll('.cell_output table').length,
-    text: document.querySelector('main') ? document.querySelector('main').innerText : '',
+    outputText: Array.from(document.querySelectorAll('.cell_output')).map(e => e.innerText).join(' '),
   });
 });
 """
@@ -334,7 +334,21 @@ def test_chinese_search_finds_the_chapters(which, ci_sites, browser, serve):
 def _lesson_captions(page: str) -> list[str]:
     """图N/表N of a lesson, from its number: chapter k draws 图2k-1, 表2k-1, 图2k and 表2k."""
     k = int(Path(page).name[:2])
-    return [f"{kind}{n}:" for n in (2 * k - 1, 2 * k) for kind in ("图", "表")]
+    return [f"{kind}{n}" for n in (2 * k - 1, 2 * k) for kind in ("图", "表")]
+
+
+def figure_problems(driver, base: str, page: str) -> list[str]:
+    """What a lesson page of an executed site lacks: its 图N/表N captions, figures and tables,
+    all looked for in the outputs of code cells (the captions also occur in the code)."""
+    state, _ = read_page(driver, base + page)
+    text = state["outputText"]
+    missing = [c for c in _lesson_captions(page) if not re.search(c + "[:：]", text)]
+    problems = [f"{page}: caption {c} missing" for c in missing]
+    if state["outputImages"] < 2 or state["outputTables"] < 2:
+        problems.append(
+            f"{page}: {state['outputImages']} figures, {state['outputTables']} tables shown"
+        )
+    return problems
 
 
 def test_executed_site_shows_every_figure_and_table(browser, serve):
@@ -350,14 +364,7 @@ def test_executed_site_shows_every_figure_and_table(browser, serve):
     base = serve(site)
     problems = []
     for page in [p for p in pages_of(site) if p.startswith("lessons/")]:
-        problems += page_problems(browser, base, page)
-        state, _ = read_page(browser, base + page)
-        missing = [c for c in _lesson_captions(page) if c not in state["text"]]
-        problems += [f"{page}: caption {c} missing" for c in missing]
-        if state["outputImages"] < 2 or state["outputTables"] < 2:
-            problems.append(
-                f"{page}: {state['outputImages']} figures, {state['outputTables']} tables shown"
-            )
+        problems += page_problems(browser, base, page) + figure_problems(browser, base, page)
     assert problems == []
 
 
@@ -415,3 +422,9 @@ def test_search_check_fails_without_chinese_words_in_the_index(broken_site, brow
         data[key] = {t: d for t, d in data[key].items() if not re.search(r"[\u4e00-\u9fff]", t)}
     index.write_text("Search.setIndex(" + json.dumps(data) + ")", encoding="utf-8")
     assert SEARCHES["量化"] not in search_results(browser, serve(broken_site), "量化")
+
+
+def test_figure_check_fails_on_a_lesson_without_outputs(ci_sites, browser, serve):
+    problems = figure_problems(browser, serve(ci_sites["student"]), "lessons/02_quantization.html")
+    assert "lessons/02_quantization.html: caption 图3 missing" in problems, problems
+    assert any("0 figures, 0 tables" in p for p in problems), problems

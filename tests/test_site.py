@@ -120,6 +120,23 @@ def broken_links(site: Path, page: str) -> list[str]:
     return problems
 
 
+def navigation_problems(site: Path, page: str) -> list[str]:
+    """Pages that the sidebar of ``page`` lists but the site lacks, or lacks but the site has
+    (a stale sidebar, as an incremental build leaves after the table of contents changes)."""
+    text = (site / page).read_text(encoding="utf-8")
+    nav = re.search(r'<nav class="bd-links bd-docs-nav"[^>]*>(.*?)</nav>', text, re.S)
+    if nav is None:
+        return [f"{page}: no navigation sidebar"]
+    listed = {page}  # the page itself is listed as "#"
+    for href in re.findall(r'href="([^"#]+)', nav.group(1)):
+        target = (site / page).parent / urllib.parse.unquote(href)
+        listed.add(target.resolve().relative_to(site.resolve()).as_posix())
+    expected = set(pages_of(site))
+    return [
+        f"{page}: sidebar lists {sorted(listed - expected)}, lacks {sorted(expected - listed)}"
+    ] * (listed != expected)
+
+
 @pytest.fixture(scope="session")
 def ci_sites() -> dict[str, Path]:
     """The sites of ``make book-ci`` (built here, without execution, when missing)."""
@@ -140,6 +157,16 @@ def ci_sites() -> dict[str, Path]:
 def test_pages_and_assets_have_no_broken_local_link(ci_sites):
     problems = [
         p for site in ci_sites.values() for page in pages_of(site) for p in broken_links(site, page)
+    ]
+    assert problems == []
+
+
+def test_every_sidebar_lists_exactly_the_pages_of_its_site(ci_sites):
+    problems = [
+        p
+        for site in ci_sites.values()
+        for page in pages_of(site)
+        for p in navigation_problems(site, page)
     ]
     assert problems == []
 
@@ -428,3 +455,11 @@ def test_figure_check_fails_on_a_lesson_without_outputs(ci_sites, browser, serve
     problems = figure_problems(browser, serve(ci_sites["student"]), "lessons/02_quantization.html")
     assert "lessons/02_quantization.html: caption 图3 missing" in problems, problems
     assert any("0 figures, 0 tables" in p for p in problems), problems
+
+
+def test_navigation_check_fails_on_a_stale_sidebar(broken_site):
+    page = broken_site / "lessons" / "02_quantization.html"
+    text = page.read_text(encoding="utf-8")
+    page.write_text(text.replace('href="../setup.html"', 'href="../solutions/gone.html"'), "utf-8")
+    problems = navigation_problems(broken_site, "lessons/02_quantization.html")
+    assert problems and "solutions/gone.html" in problems[0] and "setup.html" in problems[0]

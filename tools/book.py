@@ -114,7 +114,9 @@ def build(root: Path, site: str, profile: str, execute: bool) -> Path:
     config_path.write_text(yaml.safe_dump(derived, allow_unicode=True), encoding="utf-8")
     toc_path.write_text(yaml.safe_dump(derive_toc(toc, site), allow_unicode=True), "utf-8")
     jupyter_book = Path(sys.executable).with_name("jupyter-book")
-    command = [str(jupyter_book), "build", str(root), "-W", "--keep-going"]
+    # --all: Sphinx rebuilds only changed sources, leaving the navigation of the others stale when
+    # the table of contents changes; executed outputs still come from the cache.
+    command = [str(jupyter_book), "build", str(root), "--all", "-W", "--keep-going"]
     command += ["--config", str(config_path), "--toc", str(toc_path), "--path-output", str(out)]
     ipython = kernel_profile(root / "_build" / "ipython")
     env = {**os.environ, PROFILE_ENV: profile, "IPYTHONDIR": str(ipython)}

@@ -322,8 +322,9 @@ def search_results(driver, base: str, word: str) -> list[str]:
     driver.get(base + "search.html?q=" + urllib.parse.quote(word))
     driver.execute_async_script(
         """const done = arguments[arguments.length - 1];
-        const poll = () => document.querySelector('#search-results .search-summary')
-            ? done() : setTimeout(poll, 100);
+        const summary = () => document.querySelector('#search-results .search-summary');
+        // the summary is filled in once the last result is listed
+        const poll = () => summary() && summary().innerText ? done() : setTimeout(poll, 100);
         poll();"""
     )
     links = driver.execute_script(

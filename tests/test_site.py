@@ -396,6 +396,56 @@ def test_executed_site_shows_every_figure_and_table(browser, serve):
     assert problems == []
 
 
+# --------------------------------------------------------------------------- make lab
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_make_lab_reaches_lessons_and_labs():
+    """The README's student workflow: `make lab` serves the repository, so lessons/ and labs/."""
+    import signal
+    import time
+    import urllib.request
+
+    venv = Path(sys.prefix)
+    if not (venv / ".installed").is_file() or shutil.which("make") is None:
+        pytest.skip(f"{venv} was not made by `make venv`, or make is missing")
+    port, token = _free_port(), "course-site-test"
+    args = f"--no-browser --ip 127.0.0.1 --port {port} --IdentityProvider.token={token}"
+    if os.geteuid() == 0:
+        args += " --allow-root"
+    server = subprocess.Popen(
+        ["make", "-s", f"VENV={venv}", "lab", f"LAB_ARGS={args}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, stopped as a whole below
+    )
+    try:
+        listings, deadline = {}, time.monotonic() + 120
+        while len(listings) < 2 and time.monotonic() < deadline and server.poll() is None:
+            for folder in ("lessons", "labs"):
+                url = f"http://127.0.0.1:{port}/api/contents/{folder}"
+                request = urllib.request.Request(url, headers={"Authorization": f"token {token}"})
+                try:
+                    with urllib.request.urlopen(request, timeout=5) as reply:
+                        listings[folder] = {c["name"] for c in json.load(reply)["content"]}
+                except OSError:
+                    time.sleep(1)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    for folder in ("lessons", "labs"):
+        expected = {p.name for p in (ROOT / folder).glob("*.ipynb")}
+        assert expected and expected <= listings.get(folder, set()), f"{folder}/ not served"
+
+
 # --------------------------------------------------------------------------- able to fail
 
 

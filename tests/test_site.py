@@ -7,15 +7,17 @@ Which sites are tested:
   pages have no outputs, so they are checked for what exists without execution: every page loads
   without a console error or a request off this machine, every formula written in Markdown is
   typeset by the MathJax the site serves itself, Chinese search finds the right chapters, every
-  local link and anchor resolves, and the student site has no solutions;
+  local link and anchor resolves, every sidebar lists exactly the site's pages, and the student
+  site has no solutions;
 * ``COURSE_SITE=<html folder>`` tests a site that ``make book`` built with execution
   (``python tools/book.py --print-html`` prints its folder); there, in addition, each lesson must
   show its figures and tables (图N/表N with their captions, images that loaded).
 
 The browser is Debian's ``chromium`` with ``chromium-driver`` through Selenium; without one the
 browser tests are skipped with a message saying how to install it. The last tests break a copy of
-a built site (MathJax removed, a broken link, a script error, a search index without Chinese
-words) and prove that each check fails on it.
+a built site (MathJax removed, MathJax from a CDN, a broken link, a script error, a search index
+without Chinese words, a stale sidebar, a lesson without outputs) and prove that each check fails
+on it. One more test runs the README's student workflow: ``make lab`` serves lessons/ and labs/.
 """
 
 from __future__ import annotations

@@ -184,22 +184,52 @@ def test_layer_latency_names_every_layer():
     assert all(t > 0 for t in times.values())
 
 
-def test_interleaved_latency_runs_every_variant_in_turns():
-    order = []
+class FakeClock:
+    """A clock that only moves when a fake model runs: timings are exact and instant."""
 
-    def make(name):
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def model(self, name: str, ms, log: list | None = None):
+        """A callable that takes ``ms`` milliseconds (a number or an iterator of numbers)."""
+        steps = iter(ms) if not isinstance(ms, (int, float)) else None
+
         def run(x):
-            order.append(name)
+            self.now += (next(steps) if steps is not None else ms) / 1000
+            if log is not None:
+                log.append(name)
             return x
 
         return run
 
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(benchmark, "clock", clock)
+    return clock
+
+
+def test_interleaved_latency_runs_every_variant_in_turns(fake_clock):
+    order = []
     lat = benchmark.measure_latency_interleaved(
-        {"a": make("a"), "b": make("b")}, torch.zeros(3, 2), rounds=3, repeats=2, warmup=1
+        {"a": fake_clock.model("a", 2.0, order), "b": fake_clock.model("b", 1.0, order)},
+        torch.zeros(3, 2),
+        rounds=3,
+        repeats=2,
+        warmup=1,
+        threads=1,
     )
-    assert order == ["a", "a", "b", "b"] * 4  # warm-up (1 + 1 untimed each), then 3 rounds of 2
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3  # warm-up each, then 3 rounds of 2
     assert lat["a"].repeats == 6 and lat["b"].batch_size == 3
+    assert (lat["a"].median_ms, lat["b"].median_ms) == pytest.approx((2.0, 1.0))
+    assert not lat["a"].noisy and lat["a"].attempts == 1
     with pytest.raises(ValueError, match="models"):
         benchmark.measure_latency_interleaved({}, torch.zeros(1))
     with pytest.raises(ValueError, match="rounds"):
-        benchmark.measure_latency_interleaved({"a": make("a")}, torch.zeros(1), rounds=0)
+        benchmark.measure_latency_interleaved(
+            {"a": fake_clock.model("a", 1.0)}, torch.zeros(1), rounds=0
+        )

@@ -95,6 +95,8 @@ else
     notebooks=(lessons/*.ipynb solutions/*.ipynb)
 fi
 
+# generated Markdown (the sentences the lessons print from their numbers) goes to the log as text
+SHOW_MARKDOWN="from IPython.display import Markdown; get_ipython().display_formatter.formatters['text/plain'].for_type(Markdown, lambda obj, p, cycle: p.text(obj.data))"
 WORK="$(mktemp -d)"
 LOGS="$WORK/logs"
 mkdir -p "$LOGS"
@@ -116,7 +118,8 @@ for nb in "${notebooks[@]}"; do
     fi
     start=$SECONDS
     (cd "$dir" && timeout "$NB_TIMEOUT" "$PY" -m IPython --no-banner --colors=NoColor \
-        --HistoryManager.enabled=False "$script") >>"$log" 2>&1
+        --HistoryManager.enabled=False "--InteractiveShellApp.exec_lines=[\"$SHOW_MARKDOWN\"]" \
+        "$script") >>"$log" 2>&1
     rc=$?
     took=$((SECONDS - start))
     if [[ $rc -eq 0 ]]; then

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
+import utils.distillation as distillation
 from utils.data import make_loader
 from utils.distillation import (
-    METHODS,
+    DEFAULT_LAYERS,
+    DEFAULT_WEIGHTS,
     AdversarialLoss,
     Generator,
     HintRegressor,
@@ -32,12 +37,36 @@ from utils.distillation import (
     kd_loss,
     make_kd_loss,
     noise_loader,
+    on_device,
+    rkd_angle_loss,
     rkd_distance_loss,
     soft_targets,
     synthesize,
     train_generator,
 )
 from utils.models import LeNet5
+from utils.training import fit
+
+PROPERTY = settings(max_examples=30, deadline=None)
+
+
+def _logits(rows: int = 3, cols: int = 5, bound: float = 6.0):
+    """Hypothesis strategy: a ``(rows, cols)`` float64 tensor of bounded logits."""
+    return st.lists(
+        st.floats(-bound, bound, allow_nan=False, width=32),
+        min_size=rows * cols,
+        max_size=rows * cols,
+    ).map(lambda v: torch.tensor(v, dtype=torch.float64).view(rows, cols))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tiny models train fastest on one thread (no sync cost on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # ---------------------------------------------------------------- response-based
 
@@ -146,6 +175,31 @@ def test_kd_loss_mixes_soft_and_hard_terms():
         ({"teacher_logits": torch.zeros(3, 5)}, ValueError, "same shape"),
         ({"teacher_logits": torch.zeros(3)}, ValueError, "teacher_logits"),
         ({"student_logits": [[0.0] * 4] * 3}, TypeError, "student_logits"),
+        (
+            {"student_logits": torch.zeros(0, 4), "teacher_logits": torch.zeros(0, 4)},
+            ValueError,
+            "at least one row",
+        ),
+        (
+            {"student_logits": torch.tensor([[0.0, float("nan"), 0, 0]] * 3)},
+            ValueError,
+            "student_logits must contain only finite",
+        ),
+        (
+            {"teacher_logits": torch.tensor([[float("inf"), 0, 0, 0]] * 3)},
+            ValueError,
+            "teacher_logits must contain only finite",
+        ),
+        ({"labels": torch.tensor([0, 1, 4])}, ValueError, r"labels must lie in \[0, 3\]"),
+        ({"labels": torch.tensor([0, -1, 2])}, ValueError, r"labels must lie in \[0, 3\]"),
+        ({"labels": torch.tensor([0, 1, 4]), "alpha": 1.0}, ValueError, "labels must lie"),
+        ({"labels": torch.tensor([0.0, 1.0, 2.0])}, TypeError, "labels must be integer"),
+        ({"student_logits": torch.zeros(3, 4, dtype=torch.long)}, TypeError, "floating-point"),
+        (
+            {"student_logits": torch.zeros(3, 1), "teacher_logits": torch.zeros(3, 1)},
+            ValueError,
+            "at least 2 classes",
+        ),
     ],
 )
 def test_kd_loss_rejects_bad_input(kwargs, error, match):
@@ -164,8 +218,36 @@ def test_kd_loss_rejects_bad_input(kwargs, error, match):
 def test_soft_targets_rejects_bad_input():
     with pytest.raises(ValueError, match="temperature"):
         soft_targets(torch.zeros(2, 3), 0.0)
-    with pytest.raises(ValueError, match="logits"):
+    with pytest.raises(ValueError, match="logits must have 2 dimensions"):
         soft_targets(torch.zeros(3), 1.0)
+    with pytest.raises(ValueError, match="logits must contain only finite"):
+        soft_targets(torch.tensor([[0.0, float("nan")]]), 1.0)
+
+
+@PROPERTY
+@given(s=_logits(), t=_logits(), temp=st.floats(0.5, 50.0))
+def test_kd_loss_is_nonnegative_and_zero_only_for_equal_distributions(s, t, temp):
+    """KL ≥ 0 (Gibbs), = 0 iff the softened distributions agree, i.e. logits equal up to a row shift."""
+    assert kd_loss(s, t, temp).item() >= 0.0
+    shift = torch.arange(len(s), dtype=s.dtype).unsqueeze(1) * 3.0
+    assert kd_loss(s, s + shift, temp).item() == pytest.approx(0.0, abs=1e-9)
+    p, q = soft_targets(t, temp), soft_targets(s, temp)
+    assume((p - q).abs().max().item() > 1e-3)
+    assert kd_loss(s, t, temp).item() > 0.0
+
+
+@PROPERTY
+@given(z=_logits(1, 6, 5.0), v=_logits(1, 6, 5.0))
+def test_t_squared_makes_the_soft_gradient_scale_independent_of_t(z, v):
+    """With T² the gradient norm stays within 2.5× over T ∈ {8, 32, 128}; without it, it falls 256×."""
+    d = z - v
+    assume((d - d.mean()).norm().item() > 0.5)
+    norms = []
+    for temp in (8.0, 32.0, 128.0):
+        s = z.clone().requires_grad_()
+        kd_loss(s, v, temp).backward()
+        norms.append(s.grad.norm().item())
+    assert max(norms) / min(norms) < 2.5
 
 
 def test_make_kd_loss_uses_the_teacher():
@@ -193,6 +275,12 @@ def test_capture_features_records_outputs_and_removes_hooks():
     with pytest.raises(ValueError, match="not submodules"):
         with capture_features(net, ["conv9"]):
             pass
+    with pytest.raises(TypeError, match="names must be list or tuple"):
+        with capture_features(net, "conv1"):
+            pass
+    with pytest.raises(TypeError, match=r"names\[i\] must be str"):
+        with capture_features(net, [1]):
+            pass
 
 
 def test_hint_loss_is_mse_of_regressed_features():
@@ -212,6 +300,10 @@ def test_hint_loss_is_mse_of_regressed_features():
         hint_loss(s, torch.randn(2, 5, 5, 5), reg)
     with pytest.raises(TypeError, match="regressor"):
         hint_loss(s, t, "conv")
+    with pytest.raises(TypeError, match="conv must be bool"):
+        HintRegressor(3, 3, conv="yes")
+    with pytest.raises(ValueError, match="student_feature must contain only finite"):
+        hint_loss(torch.full((2, 4, 5, 5), float("nan")), t, reg)
 
 
 def test_attention_map_hand_value():
@@ -220,6 +312,26 @@ def test_attention_map_hand_value():
     expected = torch.tensor([[5.0, 2.0]]) / math.sqrt(29.0)
     assert torch.allclose(attention_map(f), expected)
     assert torch.allclose(attention_map(torch.randn(3, 5, 4, 4)).norm(dim=1), torch.ones(3))
+    # p = 1: mean of |A| = [(1+3)/2, (2+0)/2] = [2, 1]; p = 3: [(1+27)/2, (8+0)/2] = [14, 4]
+    assert torch.allclose(attention_map(f, p=1), torch.tensor([[2.0, 1.0]]) / math.sqrt(5.0))
+    assert torch.allclose(attention_map(f, p=3), torch.tensor([[14.0, 4.0]]) / math.sqrt(212.0))
+    with pytest.raises(ValueError, match="p must be >= 1"):
+        attention_map(f, p=0)
+    with pytest.raises(ValueError, match="feature must have 4 dimensions"):
+        attention_map(f[0], p=2)
+
+
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_attention_transfer_loss_hand_value(p):
+    # student map ∝ [1, 0] → Q_s = [1, 0]; teacher |A|^p = [3, 4] → Q_t = [0.6, 0.8]
+    # loss = mean((1 − 0.6)², (0 − 0.8)²) = (0.16 + 0.64) / 2 = 0.4, at every p
+    student = torch.tensor([[[[1.0, 0.0]]]])
+    teacher = torch.tensor([[[[3.0, 4.0]]]]).pow(1.0 / p)
+    loss = attention_transfer_loss([student], [teacher], p=p)
+    assert loss.item() == pytest.approx(0.4, rel=1e-5)
+    # two layers add up (a sum over layers, not a mean)
+    two = attention_transfer_loss([student, student], [teacher, teacher], p=p)
+    assert two.item() == pytest.approx(0.8, rel=1e-5)
 
 
 def test_attention_transfer_loss_matches_reference_formula():
@@ -232,6 +344,14 @@ def test_attention_transfer_loss_matches_reference_formula():
 
     ref = sum((at(a) - at(b)).pow(2).mean() for a, b in zip(s, t, strict=True))
     assert attention_transfer_loss(s, t).item() == pytest.approx(ref.item(), rel=1e-6)
+
+    def at_p(x, p):  # the same with |x|^p, as in the paper's family of maps
+        return F.normalize(x.abs().pow(p).mean(1).view(x.size(0), -1))
+
+    for p in (1, 3):
+        ref_p = sum((at_p(a, p) - at_p(b, p)).pow(2).mean() for a, b in zip(s, t, strict=True))
+        assert attention_transfer_loss(s, t, p=p).item() == pytest.approx(ref_p.item(), rel=1e-6)
+        assert abs(ref_p.item() - ref.item()) > 1e-4  # p matters
     assert attention_transfer_loss(t, t).item() == pytest.approx(0.0, abs=1e-8)
     # AT is blind to the feature scale: the map is normalised
     assert attention_transfer_loss([3 * t[0]], [t[0]]).item() == pytest.approx(0.0, abs=1e-8)
@@ -239,21 +359,151 @@ def test_attention_transfer_loss_matches_reference_formula():
         attention_transfer_loss([s[0]], [t[1]])
     with pytest.raises(ValueError, match="equal length"):
         attention_transfer_loss(s, t[:1])
+    with pytest.raises(ValueError, match="p must be >= 1"):
+        attention_transfer_loss(s, t, p=0)
+    with pytest.raises(TypeError, match="student_features must be list or tuple"):
+        attention_transfer_loss(s[0], t[0])
 
 
-def test_rkd_distance_loss():
+@PROPERTY
+@given(
+    seed=st.integers(0, 10_000),
+    p=st.integers(1, 4),
+    scale_s=st.floats(0.01, 100.0),
+    scale_t=st.floats(0.01, 100.0),
+)
+def test_attention_transfer_invariances(seed, p, scale_s, scale_t):
+    """The map is a channel mean of |A|^p, L2-normalised: blind to scale and channel order;
+    moving the positions of both maps the same way only reorders the squared differences."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 6, 4, 5, generator=g, dtype=torch.float64)
+    base = attention_transfer_loss([s], [t], p=p).item()
+    assert 0.0 < base <= 2.0 / 20  # two unit vectors differ by at most √2; mean over 20 positions
+    perm_c = torch.randperm(6, generator=g)
+    perm_hw = torch.randperm(20, generator=g)
+
+    def move(x):
+        return x.flatten(2)[:, :, perm_hw].view_as(x)
+
+    assert attention_transfer_loss([scale_s * s], [scale_t * t[:, perm_c]], p=p).item() == (
+        pytest.approx(base, rel=1e-9)
+    )
+    assert attention_transfer_loss([move(s)], [move(t)], p=p).item() == pytest.approx(
+        base, rel=1e-9
+    )
+    assert attention_transfer_loss([s], [-t], p=p).item() == pytest.approx(base, rel=1e-9)
+
+
+def test_rkd_distance_loss_hand_value():
+    # teacher: points at 0, 1, 3 on a line → distances 1, 3, 2, mean μ = 2 → ψ = 0.5, 1.5, 1
+    # student: points at 0, 1, 2 → distances 1, 2, 1, mean 4/3 → ψ = 0.75, 1.5, 0.75
+    # each pair appears twice in the 3×3 matrix; differences 0.25, 0, 0.25 (Huber: 0.5·d²)
+    teacher = torch.tensor([[0.0], [1.0], [3.0]])
+    student = torch.tensor([[0.0], [1.0], [2.0]])
+    expected = 2 * (0.5 * 0.25**2 + 0.0 + 0.5 * 0.25**2) / 9
+    assert rkd_distance_loss(student, teacher).item() == pytest.approx(expected, rel=1e-6)
+    # a difference above 1 is in Huber's linear part: |d| − 0.5
+    far = torch.tensor([[0.0], [1.0], [10.0]])  # distances 1, 10, 9 (mean 20/3) → ψ 0.15, 1.5, 1.35
+    near = torch.tensor(
+        [[0.0], [5.0], [10.0]]
+    )  # distances 5, 10, 5 (mean 20/3) → ψ 0.75, 1.5, 0.75
+    expected = 2 * (0.5 * 0.6**2 + 0.0 + 0.5 * 0.6**2) / 9
+    assert rkd_distance_loss(near, far).item() == pytest.approx(expected, rel=1e-5)
+    big = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [9.0, 9.0]])
+    small = torch.tensor([[0.0], [0.1], [0.2], [0.3]])
+    ref = F.smooth_l1_loss(
+        torch.cdist(small, small) / torch.pdist(small).mean(),
+        torch.cdist(big, big) / torch.pdist(big).mean(),
+    )
+    assert ref.item() > 0.05  # some differences exceed 1: both Huber branches are exercised
+    assert rkd_distance_loss(small, big).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def _rkd_distance_float64(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Reference in float64 from explicit differences (no matrix-product shortcut)."""
+
+    def psi(e):
+        d = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1).add(1e-300).sqrt()
+        return d / (d.sum() / (len(e) * (len(e) - 1)))
+
+    return F.smooth_l1_loss(psi(student), psi(teacher).detach())
+
+
+def test_rkd_distance_is_exact_for_large_batches_with_a_shared_offset():
+    """Issue 9.8: cdist's ‖a‖²+‖b‖²−2ab formula (batches > 25) cancels when features share an offset."""
+    g = torch.Generator().manual_seed(8)
+    student = torch.randn(64, 32, generator=g) + 100.0
+    teacher = torch.randn(64, 48, generator=g) * 2 + 300.0
+    s32 = student.clone().requires_grad_()
+    loss = rkd_distance_loss(s32, teacher)
+    loss.backward()
+    s64 = student.double().requires_grad_()
+    ref = _rkd_distance_float64(s64, teacher.double())
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    assert torch.allclose(s32.grad.double(), s64.grad, rtol=1e-3, atol=1e-3 * s64.grad.abs().max())
+
+
+def test_rkd_losses_pass_gradcheck():
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: rkd_distance_loss(x, t), (s,))
+    assert torch.autograd.gradcheck(lambda x: rkd_angle_loss(x, t), (s,))
+
+
+def test_rkd_angle_loss_hand_value():
+    """Equilateral student (every angle 60°) vs right isosceles teacher (90°, 45°, 45°).
+
+    Of the 27 triplets (i, j, k) with vertex j: 6 with i = k ≠ j have cos 1 in both,
+    15 with i = j or k = j are 0 in both, and the 6 with distinct i, j, k differ:
+    0.5 vs 0 at the right angle (twice), 0.5 vs 1/√2 at the 45° vertices (four times).
+    """
+    student = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]])
+    teacher = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    expected = (2 * 0.5 * 0.5**2 + 4 * 0.5 * (1 / math.sqrt(2) - 0.5) ** 2) / 27
+    assert rkd_angle_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    assert rkd_angle_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    # a 1-D student: every angle is 0° or 180° (cos ±1); the teacher's 60° triangle has cos 0.5
+    line = torch.tensor([[0.0], [1.0], [2.0]])
+    # vertex 1 (middle): 180°, cos −1 vs 0.5 (diff 1.5, linear Huber part: 1.0) twice;
+    # vertices 0 and 2: 0°, cos 1 vs 0.5 (diff 0.5: 0.125) four times
+    expected = (2 * (1.5 - 0.5) + 4 * 0.5 * 0.5**2) / 27
+    assert rkd_angle_loss(line, student).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="at least 3"):
+        rkd_angle_loss(line[:2], student[:2])
+    with pytest.raises(ValueError, match="teacher_embedding must contain only finite"):
+        rkd_angle_loss(line, torch.full((3, 2), float("nan")))
+
+
+def _random_rotation(dim: int, seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed)))
+    return (q * torch.sign(torch.diagonal(r))).double()
+
+
+@PROPERTY
+@given(
+    seed=st.integers(0, 10_000),
+    scale=st.floats(0.1, 10.0),
+    offset=st.floats(-50.0, 50.0),
+)
+def test_rkd_losses_are_invariant_to_rotation_translation_and_scale(seed, scale, offset):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    t = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    moved_s = scale * s @ _random_rotation(3, seed) + offset
+    moved_t = t @ _random_rotation(5, seed + 1) - offset
+    for loss in (rkd_distance_loss, rkd_angle_loss):
+        base = loss(s, t).item()
+        assert base > 1e-4  # a real, non-degenerate loss
+        assert loss(moved_s, moved_t).item() == pytest.approx(base, rel=1e-6, abs=1e-9)
+
+
+def test_rkd_distance_loss_matches_pdist_and_rejects_bad_input():
     g = torch.Generator().manual_seed(6)
     t = torch.randn(6, 8, generator=g)
-    # hand case: three points on a line at 0, 1, 3 → distances 1, 3, 2 (mean 2)
-    pts = torch.tensor([[0.0], [1.0], [3.0]])
-    assert torch.allclose(
-        torch.cdist(pts, pts) / 2, torch.tensor([[0, 0.5, 1.5], [0.5, 0, 1], [1.5, 1, 0]])
-    )
-    assert rkd_distance_loss(2.5 * t, t).item() == pytest.approx(0.0, abs=1e-6)  # scale invariant
-    rot = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]
-    assert rkd_distance_loss(t @ rot, t).item() == pytest.approx(
-        0.0, abs=1e-6
-    )  # rotation invariant
+    assert rkd_distance_loss(2.5 * t, t).item() == pytest.approx(0.0, abs=1e-6)
     s = torch.randn(6, 3, generator=g, requires_grad=True)
     d_s = torch.pdist(s)
     d_t = torch.pdist(t)
@@ -261,10 +511,12 @@ def test_rkd_distance_loss():
     ref = F.smooth_l1_loss(d_s / d_s.mean(), d_t / d_t.mean(), reduction="sum") * 2 / 36
     loss = rkd_distance_loss(s, t)
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
-    loss.backward()
-    assert s.grad is not None
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(ValueError, match="same batch size, at least 2"):
         rkd_distance_loss(s[:1], t[:1])
+    with pytest.raises(ValueError, match="same batch size"):
+        rkd_distance_loss(s, t[:4])
+    with pytest.raises(ValueError, match="student_embedding must have 2 dimensions"):
+        rkd_distance_loss(s.view(6, 3, 1), t)
 
 
 # ---------------------------------------------------------------- adversarial, trainer
@@ -278,34 +530,150 @@ def _tiny_loader(n: int = 32) -> torch.utils.data.DataLoader:
     return make_loader(ds, 16, shuffle=True)
 
 
-def test_adversarial_loss_updates_discriminator_not_teacher():
-    teacher, student = LeNet5(), StudentLeNet()
-    disc = LogitDiscriminator(10)
-    before_d = [p.clone() for p in disc.parameters()]
-    before_t = [p.clone() for p in teacher.parameters()]
-    adv = AdversarialLoss(teacher, disc, weight=0.5)
-    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    return all(
+        torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def test_adversarial_loss_is_one_discriminator_step_then_the_student_loss():
+    """Replay the call by hand: BCE(D(z_t), 1) + BCE(D(z_s), 0) → one Adam step of D → CE + β·BCE(D'(z_s), 1)."""
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
+    disc = LogitDiscriminator(3, hidden=5)
+    replay = copy.deepcopy(disc)
+    before_t = copy.deepcopy(teacher.state_dict())
+    adv = AdversarialLoss(teacher, disc, weight=0.7, lr=0.01)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 2, 1, 0])
     loss = adv(student, x, y)
+    assert student.weight.grad is None  # D's update never reaches the student
+    z_t, z_s = teacher(x).detach(), student(x)
+    opt = torch.optim.Adam(replay.parameters(), lr=0.01, betas=(0.5, 0.999))
+    d_real, d_fake = replay(z_t), replay(z_s.detach())
+    d_loss = F.binary_cross_entropy_with_logits(
+        d_real, torch.ones(6)
+    ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros(6))
+    opt.zero_grad()
+    d_loss.backward()
+    opt.step()
+    assert adv.d_losses == [pytest.approx(d_loss.item(), rel=1e-6)]
+    assert _same_weights(disc, replay)
+    expected = F.cross_entropy(z_s, y) + 0.7 * F.binary_cross_entropy_with_logits(
+        replay(z_s), torch.ones(6)
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     loss.backward()
-    assert loss.dim() == 0 and len(adv.d_losses) == 1
-    assert any(not torch.equal(a, b) for a, b in zip(before_d, disc.parameters(), strict=True))
-    assert all(torch.equal(a, b) for a, b in zip(before_t, teacher.parameters(), strict=True))
-    assert student.fc2.weight.grad is not None
+    assert student.weight.grad is not None and teacher.weight.grad is None
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before_t.items())
     with pytest.raises(ValueError, match="weight"):
         AdversarialLoss(teacher, disc, weight=-1.0)
+    with pytest.raises(TypeError, match="discriminator"):
+        AdversarialLoss(teacher, "D")
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_distill_trains_student_and_leaves_teacher_alone(method):
+def _recording(monkeypatch, name: str) -> list[tuple[nn.Module, dict]]:
+    """Patch ``utils.distillation.<name>`` so that every instance and its initial weights are recorded."""
+    made: list[tuple[nn.Module, dict]] = []
+    base = getattr(distillation, name)
+
+    class Recorded(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append((self, copy.deepcopy(self.state_dict())))
+
+    monkeypatch.setattr(distillation, name, Recorded)
+    return made
+
+
+def _features_loss(teacher, pairs, transfer):
+    """``CE + transfer(student features, teacher features)`` written out with capture_features."""
+
+    def compute_loss(student, x, y):
+        with capture_features(teacher, [t for _, t in pairs]) as tf, torch.no_grad():
+            teacher(x)
+        with capture_features(student, [s for s, _ in pairs]) as sf:
+            logits = student(x)
+        s_list, t_list = [sf[s] for s, _ in pairs], [tf[t] for _, t in pairs]
+        return F.cross_entropy(logits, y) + transfer(s_list, t_list)
+
+    return compute_loss
+
+
+@pytest.mark.parametrize("weight", [None, 7.0])
+@pytest.mark.parametrize("method", ["fitnets", "at", "rkd", "adversarial"])
+def test_distill_is_fit_with_the_method_loss(monkeypatch, method, weight):
+    """distill(...) trains exactly as fit() with the loss written out by hand (default or given β)."""
+    beta = DEFAULT_WEIGHTS[method] if weight is None else weight
+    pairs = DEFAULT_LAYERS.get(method, [])
+    regressors = _recording(monkeypatch, "HintRegressor")
+    discriminators = _recording(monkeypatch, "LogitDiscriminator")
     torch.manual_seed(0)
     teacher, student = LeNet5(), StudentLeNet()
-    t_state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    s_before = student.fc2.weight.clone()
-    history = distill(student, teacher, _tiny_loader(), method=method, epochs=1)
-    assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
-    assert not torch.equal(s_before, student.fc2.weight)
-    assert all(torch.equal(t_state[k], v) for k, v in teacher.state_dict().items())
-    assert all(p.requires_grad for p in teacher.parameters())  # restored after training
+    replay = copy.deepcopy(student)
+    history = distill(
+        student, teacher, _tiny_loader(), method=method, epochs=1, lr=2e-3, weight=weight
+    )
+    params = list(replay.parameters())
+    if method == "fitnets":
+        assert len(regressors) == len(pairs) == 1
+        reg = HintRegressor(8, 50)  # StudentLeNet conv2 has 8 channels, LeNet-5's 50
+        reg.load_state_dict(regressors[0][1])
+        assert not _same_weights(reg, regressors[0][0])  # the regressor was trained too
+        params += list(reg.parameters())
+        loss = _features_loss(
+            teacher,
+            pairs,
+            lambda s, t: beta * sum(hint_loss(a, b, reg) for a, b in zip(s, t, strict=True)),
+        )
+    elif method == "at":
+        loss = _features_loss(teacher, pairs, lambda s, t: beta * attention_transfer_loss(s, t))
+    elif method == "rkd":
+        loss = _features_loss(
+            teacher,
+            pairs,
+            lambda s, t: beta * sum(rkd_distance_loss(a, b) for a, b in zip(s, t, strict=True)),
+        )
+    else:
+        assert len(discriminators) == 1
+        disc = LogitDiscriminator(10)
+        disc.load_state_dict(discriminators[0][1])
+        loss = AdversarialLoss(teacher, disc, weight=beta)
+    with frozen(teacher):
+        expected = fit(replay, _tiny_loader(), epochs=1, lr=2e-3, compute_loss=loss, params=params)
+    assert history[0]["train_loss"] == pytest.approx(expected[0]["train_loss"], rel=1e-5)
+    assert _same_weights(student, replay)
+    assert all(p.requires_grad for p in teacher.parameters()) and teacher.training
+
+
+def test_distill_kd_and_scratch_are_fit_with_kd_loss_and_ce():
+    """The teacher has dropout: distillation must run it in eval mode (a fixed target)."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(784, 10))
+    t_state = copy.deepcopy(teacher.state_dict())
+    student = StudentLeNet()
+    replay, scratch, scratch_replay = (copy.deepcopy(student) for _ in range(3))
+    history = distill(
+        student, teacher, _tiny_loader(), method="kd", epochs=2, temperature=2.5, alpha=0.7
+    )
+    with frozen(teacher):
+        expected = fit(
+            replay,
+            _tiny_loader(),
+            epochs=2,
+            lr=3e-3,
+            compute_loss=make_kd_loss(teacher, 2.5, 0.7),
+            progress=False,
+        )
+    assert [r["train_loss"] for r in history] == pytest.approx(
+        [r["train_loss"] for r in expected], rel=1e-5
+    )
+    assert _same_weights(student, replay)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t_state.items())
+    assert teacher.training  # the mode it came in
+    distill(scratch, None, _tiny_loader(), method="scratch", epochs=1)
+    fit(scratch_replay, _tiny_loader(), epochs=1, lr=3e-3, progress=False)
+    assert _same_weights(scratch, scratch_replay)
 
 
 def test_distill_rejects_bad_arguments():
@@ -317,6 +685,19 @@ def test_distill_rejects_bad_arguments():
         distill(StudentLeNet(), LeNet5(), _tiny_loader(), method="at", epochs=1, weight=-1.0)
     with pytest.raises(TypeError, match="student"):
         distill("net", LeNet5(), _tiny_loader(), epochs=1)
+    with pytest.raises(ValueError, match="layers pair"):
+        distill(
+            StudentLeNet(),
+            LeNet5(),
+            _tiny_loader(),
+            method="at",
+            epochs=1,
+            layers=[("conv1", "conv9")],
+        )
+    with pytest.raises(ValueError, match="pairs"):
+        distill(StudentLeNet(), LeNet5(), _tiny_loader(), method="at", epochs=1, layers=["conv1"])
+    with pytest.raises(TypeError, match="train_loader"):
+        distill(StudentLeNet(), LeNet5(), [(torch.zeros(1), 0)], method="kd", epochs=1)
 
 
 def test_frozen_restores_state():
@@ -361,25 +742,79 @@ def test_noise_loader():
         noise_loader(3, 1, 5)
 
 
-def test_data_free_pipeline_runs_and_freezes_teacher():
+def test_train_generator_is_fit_with_the_dafl_loss():
     torch.manual_seed(0)
-    teacher, gen, student = LeNet5(), Generator(latent_dim=8, channels=8), StudentLeNet()
-    g_before = gen.fc.weight.clone()
-    h = train_generator(gen, teacher, noise_loader(2, 8, 8), epochs=1)
-    assert len(h) == 1 and not torch.equal(g_before, gen.fc.weight)
-    assert teacher.conv1.weight.grad is None
-    g_after = gen.fc.weight.clone()
-    transfer = synthesize(gen, teacher, 10, batch_size=4)
+    teacher, gen = LeNet5(), Generator(latent_dim=8, channels=8)
+    replay = copy.deepcopy(gen)
+    h = train_generator(gen, teacher, noise_loader(2, 8, 8), epochs=1, lr=5e-3)
+
+    def dafl(g, z, _y):
+        with capture_features(teacher, ["relu"]) as feats:
+            logits = teacher(g(z))
+        return dafl_generator_loss(logits, feats["relu"])
+
+    with frozen(teacher):
+        expected = fit(replay, noise_loader(2, 8, 8), epochs=1, lr=5e-3, compute_loss=dafl)
+    assert h[0]["train_loss"] == pytest.approx(expected[0]["train_loss"], rel=1e-5)
+    assert _same_weights(gen, replay)
+    assert teacher.conv1.weight.grad is None and teacher.training
+    with pytest.raises(ValueError, match="feature_layer"):
+        train_generator(gen, teacher, noise_loader(1, 4, 8), epochs=1, feature_layer="fc9")
+
+
+def test_synthesize_labels_generated_images_with_the_teacher():
+    torch.manual_seed(0)
+    teacher, gen = LeNet5(), Generator(latent_dim=8, channels=8)
+    gen.train()
+    transfer = synthesize(gen, teacher, 10, batch_size=4, seed=3)
     x, t = transfer.tensors
+    z = torch.randn(10, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(x, gen.eval()(z), atol=1e-6)  # eval mode: BN running statistics
+        assert torch.allclose(t, teacher(x), atol=1e-5)  # the labels are the teacher's logits
     assert x.shape == (10, 1, 28, 28) and t.shape == (10, 10)
-    assert torch.allclose(teacher(x), t, atol=1e-5)  # the labels are the teacher's logits
-    s_before = student.fc2.weight.clone()
-    h = data_free_distill(student, teacher, gen, num_images=16, epochs=1, batch_size=8)
-    assert len(h) == 1 and torch.equal(g_after, gen.fc.weight)
-    assert not torch.equal(s_before, student.fc2.weight)
-    assert all(p.requires_grad for p in gen.parameters())
     with pytest.raises(ValueError, match="num_images"):
         synthesize(gen, teacher, 0)
+    with pytest.raises(TypeError, match="latent_dim"):
+        synthesize(nn.Linear(8, 784), teacher, 4)
+
+
+def test_data_free_distill_is_kd_on_the_synthetic_set():
+    torch.manual_seed(0)
+    teacher, gen, student = LeNet5(), Generator(latent_dim=8, channels=8), StudentLeNet()
+    g_state = copy.deepcopy(gen.state_dict())
+    replay = copy.deepcopy(student)
+    h = data_free_distill(
+        student, teacher, gen, num_images=16, epochs=1, batch_size=8, temperature=3.0, seed=2
+    )
+    assert all(torch.equal(v, gen.state_dict()[k]) for k, v in g_state.items())
+    assert all(p.requires_grad for p in gen.parameters())
+    transfer = synthesize(gen, teacher, 16, seed=2)
+    loader = DataLoader(
+        transfer, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(2)
+    )
+    expected = fit(
+        replay,
+        loader,
+        epochs=1,
+        lr=3e-3,
+        compute_loss=lambda m, x, t: kd_loss(m(x), t, 3.0),
+        progress=False,
+    )
+    assert h[0]["train_loss"] == pytest.approx(expected[0]["train_loss"], rel=1e-5)
+    assert _same_weights(student, replay)
+    with pytest.raises(ValueError, match="temperature"):
+        data_free_distill(student, teacher, gen, epochs=1, temperature=0.0)
+
+
+def test_on_device_moves_and_returns():
+    net = nn.Linear(2, 2)
+    with on_device(net, "cpu") as moved:
+        assert moved is net and net.weight.device.type == "cpu"
+    assert net.weight.device.type == "cpu"
+    with pytest.raises(TypeError, match="model"):
+        with on_device("net", "cpu"):
+            pass
 
 
 def test_cached_generator_trains_once(tmp_cache):

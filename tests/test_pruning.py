@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch_pruning as tp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import TensorDataset
@@ -24,6 +27,7 @@ from utils.pruning import (
     get_masks,
     global_magnitude_masks,
     global_threshold,
+    iterative_taylor_prune,
     kept_channels,
     l1_channel_importance,
     magnitude_mask,
@@ -41,6 +45,7 @@ from utils.pruning import (
     prune_in,
     sensitivity_scan,
     sparse_storage_bytes,
+    taylor_activation_importance,
     taylor_channel_importance,
     weight_sparsity,
 )
@@ -150,13 +155,81 @@ def test_apply_masks_replaces_an_existing_mask_and_layer_scope():
 def test_nm_mask_hand_checked_and_exact():
     w = torch.tensor([[0.1, -0.5, 0.3, 0.2, 4.0, 3.0, -2.0, 1.0]])
     assert torch.equal(nm_mask(w, 2, 4), torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0]]))
-    big = torch.randn(16, 8, 3, 4)
-    mask = nm_mask(big, 2, 4)
-    assert torch.equal(mask.reshape(-1, 4).sum(1), torch.full((big.numel() // 4,), 2.0))
+    assert torch.equal(nm_mask(w, 1, 4), torch.tensor([[0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]]))
     model = build_model("lenet5")
     masks = nm_prune(model, 2, 4)
-    assert "conv1" not in masks and {"conv2", "fc1", "fc2"} <= set(masks)  # conv1 has 25 inputs
+    assert set(masks) == {"conv2", "fc1", "fc2"}  # conv1 has 1 input channel
     assert float((model.fc1.weight == 0).float().mean()) == 0.5
+
+
+def test_nm_mask_groups_input_channels_of_a_conv_like_asp():
+    # weight [K=1, C=4, R=1, S=2]: at s=0 the 4 channels hold 0.1 -0.5 0.3 0.2, at s=1 4 3 -2 1
+    w = torch.tensor([[0.1, 4.0], [-0.5, 3.0], [0.3, -2.0], [0.2, 1.0]]).reshape(1, 4, 1, 2)
+    expected = torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]).reshape(1, 4, 1, 2)
+    assert torch.equal(nm_mask(w, 2, 4), expected)
+    # C·R·S = 8 is a multiple of 4 but C = 2 is not: the hardware cannot group it
+    with pytest.raises(ValueError, match=r"shape\[1\] = 2\) must be a multiple of m=4"):
+        nm_mask(torch.randn(3, 2, 2, 2), 2, 4)
+    net = nn.Sequential(nn.Conv2d(2, 8, 2), nn.Conv2d(8, 4, 3))
+    assert set(nm_prune(net, 2, 4)) == {"1"}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (2, 8)]),
+    st.integers(0, 2**16),
+)
+def test_nm_mask_property_every_input_channel_group_keeps_n_largest(k, groups, r, s, nm, seed):
+    n, m = nm
+    w = torch.randn(k, groups * m, r, s, generator=torch.Generator().manual_seed(seed))
+    mask = nm_mask(w, n, m)
+    assert mask.shape == w.shape and mask.dtype == w.dtype
+    by_channel = mask.movedim(1, -1).reshape(-1, m)  # groups of m consecutive input channels
+    assert torch.equal(by_channel.sum(1), torch.full((by_channel.shape[0],), float(n)))
+    mags = w.abs().movedim(1, -1).reshape(-1, m)
+    kept_min = torch.where(by_channel == 1, mags, torch.inf).min(1).values
+    dropped_max = torch.where(by_channel == 0, mags, -torch.inf).max(1).values
+    assert bool((kept_min >= dropped_max).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.floats(-10, 10, allow_nan=False, width=32), min_size=1, max_size=60),
+    st.floats(0.0, 0.99),
+)
+def test_magnitude_mask_property_exact_sparsity_and_order(values, amount):
+    w = torch.tensor(values, dtype=torch.float64)
+    mask = magnitude_mask(w, amount)
+    assert mask.dtype == torch.float64 and mask.device == w.device
+    assert int((mask == 0).sum()) == round(amount * w.numel())
+    if 0 < int((mask == 0).sum()) < w.numel():
+        assert float(w.abs()[mask == 1].min()) >= float(w.abs()[mask == 0].max())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.floats(-5, 5, allow_nan=False, width=32), min_size=1, max_size=20),
+        min_size=1,
+        max_size=4,
+    ),
+    st.floats(0.0, 0.99),
+)
+def test_global_masks_property_exact_total_sparsity_one_threshold(tensors, amount):
+    weights = [torch.tensor(t) for t in tensors]
+    masks = global_magnitude_masks(weights, amount)
+    assert [m.shape for m in masks] == [w.shape for w in weights]
+    total = sum(w.numel() for w in weights)
+    assert sum(int((m == 0).sum()) for m in masks) == round(amount * total)
+    kept = torch.cat([w.abs()[m == 1] for w, m in zip(weights, masks, strict=True)])
+    dropped = torch.cat([w.abs()[m == 0] for w, m in zip(weights, masks, strict=True)])
+    if kept.numel() and dropped.numel():
+        assert float(kept.min()) >= float(dropped.max())
+        assert float(dropped.max()) == global_threshold(weights, amount)
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR")
@@ -199,6 +272,27 @@ def test_gradual_pruning_reaches_final_sparsity_during_fit():
     assert weight_sparsity(model) == pytest.approx(0.8, abs=1e-6)
 
 
+def test_sensitivity_scan_on_a_masked_model_prunes_the_effective_weights():
+    torch.manual_seed(0)
+    model = build_model("lenet300")
+    masks = magnitude_prune(model, 0.5)  # every layer carries a 50% mask
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = sensitivity_scan(model, weight_sparsity, [0.5, 0.9], layers=["fc1", "fc2"])
+    sizes = {n: m.weight.numel() for n, m in prunable_layers(model).items()}
+    total = sum(sizes.values())
+    others = {n: sum(round(0.5 * v) for k, v in sizes.items() if k != n) for n in sizes}
+    assert [r["metric"] for r in rows] == pytest.approx(
+        [
+            0.5,  # the layer is already 50% sparse
+            (others["fc1"] + round(0.9 * sizes["fc1"])) / total,
+            0.5,
+            (others["fc2"] + round(0.9 * sizes["fc2"])) / total,
+        ]
+    )
+    assert set(get_masks(model)) == set(masks)  # the model keeps its masks, unchanged
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_sensitivity_scan_restores_weights():
     model = build_model("lenet300")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -233,6 +327,22 @@ def test_prune_group_hand_checked_conv_bn_conv():
     assert conv1.out_channels == bn.num_features == conv2.in_channels == 2
     assert torch.equal(conv1.weight.view(-1), torch.tensor([-3.0, 2.0]))  # kept in order 1, 2
     assert torch.equal(conv2.weight.view(2, 2), torch.tensor([[1.0, 2.0], [4.0, 5.0]]))
+
+
+def test_l1_channel_importance_is_the_l1_norm_not_l2():
+    conv = nn.Conv2d(2, 2, 1, bias=False)
+    conv.weight.data = torch.tensor([[3.0, 0.0], [-2.0, 2.0]]).view(2, 2, 1, 1)
+    # L1: 3 < 4 keeps filter 1; L2 would be 3 > 2.83 and keep filter 0
+    assert torch.equal(l1_channel_importance(ChannelGroup("c", [conv])), torch.tensor([3.0, 4.0]))
+    net = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(2, 1, 1))
+    assert torch.equal(prune_channels(net, 0.5)[0].weight.view(-1), torch.tensor([-2.0, 2.0]))
+
+
+def test_kept_channels_is_the_floor_of_the_kept_fraction():
+    assert kept_channels(6, 0.75) == 1  # 1.5 -> 1
+    assert kept_channels(10, 0.9) == 1  # 10 * (1 - 0.9) = 0.9999999999999998 in floating point
+    assert kept_channels(7, 0.5) == 3
+    assert kept_channels(8, 0.0) == 8
 
 
 def test_prune_group_linear_after_flatten_keeps_channel_blocks():
@@ -426,3 +536,176 @@ def test_bad_inputs_raise_clear_errors():
         cubic_sparsity(1, 10, 0.5, initial=0.7)
     with pytest.raises(TypeError, match="evaluate_fn"):
         sensitivity_scan(model, 3, [0.5])
+    with pytest.raises(ValueError, match="sparsities"):
+        sensitivity_scan(model, weight_sparsity, [0.5, 1.0])
+
+
+def test_bad_keep_indices_and_arguments_are_named():
+    conv = nn.Conv2d(1, 3, 3)
+    with pytest.raises(TypeError, match="integer channel indices"):
+        prune_conv_out(conv, [0.5, 1.7])
+    with pytest.raises(TypeError, match="integer channel indices"):
+        prune_conv_out(conv, torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="integer channel indices"):
+        prune_conv_out(conv, [True, False])
+    with pytest.raises(ValueError, match=r"keep indices must be in \[0, 3\)"):
+        prune_conv_out(conv, [-1, 0])
+    with pytest.raises(ValueError, match="distinct"):
+        prune_conv_out(conv, torch.tensor([2, 2]))
+    with pytest.raises(TypeError, match="keep"):
+        prune_conv_out(conv, "01")
+    assert conv.out_channels == 3 and conv.weight.shape[0] == 3  # untouched by the failures
+    prune_conv_out(conv, np.array([2, 0]).tolist())
+    assert conv.out_channels == 2
+    with pytest.raises(ValueError, match="final"):
+        GradualPruning(final=1.0, total_steps=10)
+    with pytest.raises(ValueError, match="final"):
+        cubic_sparsity(1, 10, final=1.0)
+    with pytest.raises(TypeError, match="layers must be a list"):
+        magnitude_prune(build_model("lenet300"), 0.5, layers="fc1")
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        apply_masks(build_model("lenet300"), {"fc3": torch.full((10, 100), 0.5)})
+    with pytest.raises(ValueError, match="m must be >= 1"):
+        nm_prune(build_model("lenet300"), 2, 0)
+    with pytest.raises(ValueError, match="n must be <= m"):
+        nm_prune(build_model("lenet300"), 4, 2)
+    with pytest.raises(TypeError, match="seed"):
+        prune_channels(build_model("lenet5"), 0.5, criterion="random", seed=0.5)
+    with pytest.raises(TypeError, match="loss_fn"):
+        taylor_channel_importance(
+            build_model("lenet5"), [], _tiny_loader(), loss_fn="cross_entropy"
+        )
+
+
+# ------------------------------------------------- iterative Taylor pruning (2017)
+
+
+def _taylor_net() -> nn.Module:
+    """A conv chain where conv1's channel 2 and conv2's channel 4 feed nothing downstream."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 3),
+    )
+    with torch.no_grad():
+        net[2].weight[:, 2] = 0
+        net[7].weight[:, 4] = 0
+    net = _randomise_bn(net)
+    net[3].running_mean.zero_()  # no channel is dead after the ReLU
+    net[3].bias.data.fill_(0.5)
+    return net
+
+
+def _taylor_loader(shuffle: bool = True) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    return make_loader(TensorDataset(x, y), 16, shuffle=shuffle)
+
+
+def test_taylor_activation_importance_hand_checked():
+    net, loader = _taylor_net(), _taylor_loader(shuffle=False)
+    scores = taylor_activation_importance(net, channel_groups(net), loader, num_batches=2)
+    expected = [torch.zeros(4), torch.zeros(6)]
+    for x, y in list(loader)[:2]:
+        a1 = net[0](x)
+        a2 = net[3](net[2](net[1](a1)))
+        a1.retain_grad()
+        a2.retain_grad()
+        nn.functional.cross_entropy(net[5:](net[4](a2)), y).backward()
+        for e, a in zip(expected, (a1, a2), strict=True):
+            # per example: |mean over positions of a * dL/da|, then the mean over examples
+            e += (a * a.grad).mean((2, 3)).abs().mean(0).detach() / 2
+    for got, e in zip(scores, expected, strict=True):
+        torch.testing.assert_close(got, e / e.norm())  # L2-normalised per layer
+        assert got.device == e.device
+    assert scores[0][2] == 0 and scores[1][4] == 0  # channels that feed nothing
+    assert net.training is False
+
+
+def test_iterative_taylor_prune_removes_the_useless_channels_one_by_one():
+    net = _taylor_net()
+    reference = copy.deepcopy(net)
+    pruned, history = iterative_taylor_prune(
+        net, _taylor_loader(), 0.2, channels_per_step=1, finetune_steps=0
+    )
+    # 10 channels, 20% = 2 removed in two rounds; the useless ones go, conv1's channel 2 first
+    assert [(h["step"], h["layer"], h["channel"]) for h in history] == [(1, "0", 2), (2, "2", 4)]
+    assert all(h["score"] == 0.0 for h in history)
+    assert (pruned[0].out_channels, pruned[2].in_channels) == (3, 3)
+    assert (pruned[2].out_channels, pruned[3].num_features, pruned[7].in_features) == (5, 5, 5)
+    # without fine-tuning the kept weights are the original ones
+    assert torch.equal(pruned[0].weight, reference[0].weight[[0, 1, 3]])
+    assert torch.equal(pruned[2].weight, reference[2].weight[[0, 1, 2, 3, 5]][:, [0, 1, 3]])
+    assert torch.equal(pruned[3].running_var, reference[3].running_var[[0, 1, 2, 3, 5]])
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():  # removing channels that feed nothing does not change the output
+        torch.testing.assert_close(pruned(x), reference.eval()(x))
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters(), strict=True)
+    )
+
+
+def test_iterative_taylor_prune_fine_tunes_between_rounds_and_is_deterministic():
+    runs = [
+        iterative_taylor_prune(
+            _taylor_net(),
+            _taylor_loader(),
+            0.5,
+            channels_per_step=2,
+            finetune_steps=3,
+            lr=1e-2,
+            seed=3,
+        )
+        for _ in range(2)
+    ]
+    (pruned, history), (again, history2) = runs
+    assert history == history2
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in pruned.state_dict().items())
+    assert len(history) == 5 and [h["step"] for h in history] == [1, 1, 2, 2, 3]
+    assert pruned[0].out_channels + pruned[2].out_channels == 5
+    kept = [c for c in range(4) if ("0", c) not in {(h["layer"], h["channel"]) for h in history}]
+    # fine-tuning moved the kept weights away from the original ones
+    assert not torch.equal(pruned[0].weight, _taylor_net()[0].weight[kept])
+    assert get_masks(pruned) == {} and not pruned.training
+
+
+def test_iterative_taylor_prune_bad_inputs():
+    loader = _taylor_loader()
+    with pytest.raises(ValueError, match="amount"):
+        iterative_taylor_prune(_taylor_net(), loader, 1.0)
+    with pytest.raises(ValueError, match="channels_per_step"):
+        iterative_taylor_prune(_taylor_net(), loader, 0.5, channels_per_step=0)
+    with pytest.raises(TypeError, match="loader"):
+        iterative_taylor_prune(_taylor_net(), [1, 2], 0.5)
+    with pytest.raises(ValueError, match="no channel"):
+        iterative_taylor_prune(_taylor_net(), loader, 0.9, finetune_steps=0)
+    with pytest.raises(ValueError, match="residual"):
+        iterative_taylor_prune(build_model("resnet"), _tiny_loader(), 0.1)
+    with pytest.raises(TypeError, match="groups"):
+        taylor_activation_importance(_taylor_net(), "groups", loader)
+
+
+# ------------------------------------------------------- devices and dtypes
+
+
+def test_created_tensors_follow_the_inputs_device_and_dtype():
+    w = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+    for mask in (magnitude_mask(w, 0.5), nm_mask(w, 2, 4), *global_magnitude_masks([w], 0.3)):
+        assert (mask.device, mask.dtype) == (w.device, torch.float64)
+    net = _taylor_net().double()
+    groups = channel_groups(net)
+    loader = make_loader(TensorDataset(torch.randn(8, 1, 8, 8).double(), torch.zeros(8).long()), 4)
+    for scores in (
+        taylor_activation_importance(net, groups, loader),
+        taylor_channel_importance(net, groups, loader),
+    ):
+        assert all(s.device == w.device for s in scores)
+    pruned = prune_channels(net, 0.5, criterion="random")
+    assert {p.dtype for p in pruned.parameters()} == {torch.float64}
+    assert all(p.device == w.device for p in pruned.parameters())

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from utils.validation import check_int, check_module, check_tensor, check_type
+from utils.validation import check_float, check_int, check_module, check_tensor, check_type
 
 THREADS_ENV = "COURSE_THREADS"
 NOISE_MAX_SPREAD = 2.0  # p90 / p10 above this: too wide to compare anything
@@ -145,6 +145,8 @@ def measurement_conditions(
     """
     threads = default_threads() if threads is None else threads
     check_int("threads", threads, minimum=1)
+    if device is not None:
+        check_type("device", device, (torch.device, str))
     device = torch.device(device if device is not None else "cpu")
     model, _ = _cpuinfo()
     isa = ", ".join(name for name, present in cpu_features().items() if present) or "no SIMD"
@@ -240,10 +242,15 @@ def time_callable(
 
 
 def calls_per_timing(call_ms: float, min_block_ms: float = MIN_BLOCK_MS) -> int:
-    """Calls per timed block so that a block lasts at least ``min_block_ms``: ``⌈min_block / call⌉``."""
-    if call_ms <= 0:
+    """Calls per timed block so that a block lasts at least ``min_block_ms``: ``⌈min_block / call⌉``.
+
+    At most 1000 calls; a ratio within 1e-9 of an integer is that integer (clock rounding).
+    """
+    check_float("call_ms", call_ms, 0.0)
+    check_float("min_block_ms", min_block_ms, 0.0, min_inclusive=False)
+    if call_ms == 0:
         return 1000
-    return max(1, min(1000, math.ceil(min_block_ms / call_ms)))
+    return max(1, min(1000, math.ceil(min_block_ms / call_ms - 1e-9)))
 
 
 def _percentile(ordered: Sequence[float], q: float) -> float:
@@ -398,6 +405,7 @@ def speedup(base: Latency, other: Latency) -> float:
 
 def format_ratio(ratio: float) -> str:
     """``31×``, ``2.7×``, ``0.63×``: two significant digits below 10, none above."""
+    check_float("ratio", ratio, 0.0, min_inclusive=False)
     if ratio >= 10:
         return f"{ratio:.0f}×"
     if ratio >= 1:

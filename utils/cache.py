@@ -25,7 +25,7 @@ from utils.config import cache_dir, get_profile, seed_everything
 from utils.data import load_splits, make_loader
 from utils.models import build_model
 from utils.training import evaluate, fit
-from utils.validation import check_choice, check_type
+from utils.validation import check_choice, check_float, check_int, check_module, check_type
 
 CACHE_VERSION = 1
 
@@ -52,8 +52,15 @@ def cached_state(
         train: trains that model in place.
     """
     check_type("name", name, str)
-    if not callable(build) or not callable(train):
-        raise TypeError("build and train must be callables")
+    if not name or any(c in name for c in "/\\:") or name.startswith("."):
+        raise ValueError(
+            f"name must be a non-empty file-name prefix without / \\ : or a leading dot, got {name!r}"
+        )
+    check_type("config", config, dict)
+    if not callable(build):
+        raise TypeError(f"build must be a callable returning a model, got {type(build).__name__}")
+    if not callable(train):
+        raise TypeError(f"train must be a callable that trains a model, got {type(train).__name__}")
     path = cache_dir() / f"{name}-{config_key(config)}.pt"
     model = build()
     if path.exists():
@@ -84,7 +91,21 @@ def baseline_config(
     lr: float = 1e-3,
     **model_kwargs: Any,
 ) -> dict[str, Any]:
-    """The configuration of a course baseline; ``epochs`` defaults to the profile's."""
+    """The configuration of a course baseline; ``epochs`` defaults to the profile's.
+
+    Every argument that changes the trained weights is a field, so two baselines
+    share a cache file only when they would train identically.
+    """
+    from utils.data import OFFLINE_DATASETS
+    from utils.models import MODEL_NAMES
+
+    check_choice("model", model, MODEL_NAMES)
+    check_choice("dataset", dataset, OFFLINE_DATASETS)
+    check_int("seed", seed, minimum=0)
+    if epochs is not None:
+        check_int("epochs", epochs, minimum=0)
+    check_float("train_fraction", train_fraction, 0.0, 1.0, min_inclusive=False)
+    check_float("lr", lr, 0.0, min_inclusive=False)
     return {
         "model": model,
         "dataset": dataset,
@@ -118,9 +139,6 @@ def load_baseline(
         lr: Adam learning rate.
         model_kwargs: extra arguments of the model (e.g. ``width_mult=0.5``).
     """
-    from utils.models import MODEL_NAMES
-
-    check_choice("model", model, MODEL_NAMES)
     config = baseline_config(
         model,
         dataset,
@@ -149,6 +167,7 @@ def baseline_accuracy(
     model: nn.Module, dataset: str = "mnist5k", *, seed: int = 0, split: str = "test"
 ) -> float:
     """Accuracy (%) of ``model`` on the ``split`` (``"val"`` or ``"test"``) of ``dataset``."""
+    check_module("model", model)
     check_choice("split", split, ("val", "test"))
     s = load_splits(dataset, seed=seed)
     return evaluate(model, make_loader(getattr(s, split), 256))["accuracy"]

@@ -75,17 +75,19 @@ def share_weight(weight: Tensor, bits: int, *, iters: int = 30) -> SharedWeight:
     the zeros (pruned weights) are not clustered: they get index 0 and stay zero, the
     clusters get indices ``1 … K``. So ``bits`` counts the shared values (the paper's
     "5 bits = 32 shared weights"); the stored index alphabet has one more symbol, the zero.
+    The result lies on ``weight``'s device.
     """
     check_tensor("weight", weight, finite=True)
     check_int("bits", bits, minimum=1, maximum=MAX_SHARED_BITS)
+    check_int("iters", iters, minimum=1)
     w = weight.detach().cpu().float()
     nz = w != 0
     indices = torch.zeros(w.shape, dtype=torch.long)
     if not nz.any():
-        return SharedWeight(torch.zeros(0), indices)
+        return SharedWeight(torch.zeros(0, device=weight.device), indices.to(weight.device))
     centroids, labels = kmeans_quantize(w[nz], bits, iters)
     indices[nz] = labels + 1
-    return SharedWeight(centroids.float(), indices)
+    return SharedWeight(centroids.float().to(weight.device), indices.to(weight.device))
 
 
 class SharedWeightParametrization(nn.Module):
@@ -100,6 +102,8 @@ class SharedWeightParametrization(nn.Module):
 
     def __init__(self, indices: Tensor, num_centroids: int) -> None:
         super().__init__()
+        check_tensor("indices", indices)
+        check_int("num_centroids", num_centroids, minimum=0)
         self.register_buffer("indices", indices)
         self.num_centroids = num_centroids
 
@@ -148,6 +152,7 @@ def apply_weight_sharing(
     check_module("model", model)
     if not isinstance(bits, Mapping):
         check_int("bits", bits, minimum=1, maximum=MAX_SHARED_BITS)
+    check_int("iters", iters, minimum=1)
     for name in sharable_layers(model):
         mod = model.get_submodule(name)
         if parametrize.is_parametrized(mod, "weight"):
@@ -175,7 +180,10 @@ def remove_weight_sharing(model: nn.Module) -> nn.Module:
 
 
 def codebook_of(weight: Tensor) -> SharedWeight:
-    """Recover ``(centroids, indices)`` of a weight with few distinct values (zeros → index 0)."""
+    """Recover ``(centroids, indices)`` of a weight with few distinct values (zeros → index 0).
+
+    ``−0.0`` and ``+0.0`` are the same value, so both get index 0. Computed on the CPU.
+    """
     check_tensor("weight", weight)
     w = weight.detach().cpu().float()
     values, inverse = torch.unique(w, return_inverse=True)
@@ -248,6 +256,7 @@ def canonical_codes(lengths: Sequence[int]) -> dict[int, str]:
 
 def huffman_encode(symbols: np.ndarray | Sequence[int], lengths: Sequence[int]) -> bytes:
     """Concatenate the canonical codes of ``symbols``, zero-padded to whole bytes."""
+    check_type("lengths", lengths, (list, tuple, np.ndarray))
     codes = canonical_codes(lengths)
     try:
         bits = "".join(codes[int(s)] for s in np.asarray(symbols).ravel())
@@ -263,6 +272,7 @@ def huffman_decode(data: bytes, lengths: Sequence[int], n: int) -> np.ndarray:
     each length, checks whether it falls in that length's range of codes.
     """
     check_type("data", data, (bytes, bytearray))
+    check_type("lengths", lengths, (list, tuple, np.ndarray))
     check_int("n", n, minimum=0)
     decode: dict[tuple[int, int], int] = {
         (len(c), int(c, 2)): s for s, c in canonical_codes(lengths).items()
@@ -324,7 +334,9 @@ def relative_index_encode(flat: np.ndarray, index_bits: int) -> tuple[np.ndarray
     ``2**b − 1`` zeros (Han et al. 2016, Fig. 2); its value is 0 (symbol 0).
     """
     check_int("index_bits", index_bits, minimum=1, maximum=24)
-    flat = np.asarray(flat).ravel()
+    flat = np.asarray(flat)
+    if flat.ndim != 1:
+        raise ValueError(f"flat must be a 1-D array, got shape {flat.shape}")
     pos = np.flatnonzero(flat)
     gaps = np.diff(pos, prepend=-1) - 1
     m = 2**index_bits
@@ -339,14 +351,23 @@ def relative_index_encode(flat: np.ndarray, index_bits: int) -> tuple[np.ndarray
 
 
 def relative_index_decode(gaps: np.ndarray, values: np.ndarray, numel: int) -> np.ndarray:
-    """Inverse of :func:`relative_index_encode`: the dense 1-D array of length ``numel``."""
+    """Inverse of :func:`relative_index_encode`: the dense 1-D array of length ``numel``.
+
+    Entry ``i`` lands at ``p_i = Σ_{j≤i} (gap_j + 1) − 1``; gaps must be non-negative
+    integers and the last position must lie below ``numel``.
+    """
     check_int("numel", numel, minimum=0)
-    gaps = np.asarray(gaps, dtype=np.int64)
-    values = np.asarray(values)
-    if gaps.shape != values.shape:
+    gaps, values = np.asarray(gaps), np.asarray(values)
+    if gaps.ndim != 1 or values.ndim != 1 or gaps.shape != values.shape:
         raise ValueError(
-            f"gaps and values must have the same length, got {gaps.size} and {values.size}"
+            "gaps and values must be 1-D arrays of the same length, "
+            f"got shapes {gaps.shape} and {values.shape}"
         )
+    if gaps.size and not np.issubdtype(gaps.dtype, np.integer):
+        raise ValueError(f"gaps must be integers, got dtype {gaps.dtype}")
+    gaps = gaps.astype(np.int64)
+    if gaps.size and gaps.min() < 0:
+        raise ValueError(f"gaps must be >= 0, got {int(gaps.min())}")
     pos = np.cumsum(gaps + 1) - 1
     if pos.size and pos[-1] >= numel:
         raise ValueError(f"positions run past numel={numel}")
@@ -390,6 +411,101 @@ def _read_stream(meta: dict, parts: list[bytes], n: int) -> np.ndarray:
     return unpack_bits(parts[0], meta["w"], n)
 
 
+KINDS = ("dense", "sparse", "shared")
+DTYPES = (
+    "float32",
+    "float64",
+    "float16",
+    "bfloat16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "bool",
+)
+
+
+def _corrupt(what: str) -> CompressedFormatError:
+    return CompressedFormatError(f"corrupt compressed file: {what}")
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise _corrupt(what)
+
+
+def _is_int(v: Any, minimum: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _check_stream_meta(m: Any, where: str, width_max: int) -> None:
+    _need(isinstance(m, dict), f"{where}: stream description is not an object")
+    if m.get("h"):
+        _need(m == {"h": 1}, f"{where}: bad Huffman stream description {m}")
+    else:
+        _need(
+            set(m) == {"w"} and _is_int(m["w"], 1) and m["w"] <= width_max,
+            f"{where}: bad fixed-width stream description {m}",
+        )
+
+
+def _check_tensor_meta(t: Any, i: int) -> None:
+    """Raise :class:`CompressedFormatError` unless ``t`` is a well-formed tensor entry."""
+    _need(isinstance(t, dict), f"tensor entry {i} is not an object")
+    _need(isinstance(t.get("n"), str), f"tensor entry {i} has no name")
+    where = f"tensor {t['n']!r}"
+    _need(
+        t.get("k") in KINDS, f"{where}: unknown storage kind {t.get('k')!r}, known: {list(KINDS)}"
+    )
+    _need(t.get("d") in DTYPES, f"{where}: unknown dtype {t.get('d')!r}")
+    _need(isinstance(t.get("s"), list) and all(_is_int(d) for d in t["s"]), f"{where}: bad shape")
+    _need(
+        isinstance(t.get("p"), list) and all(_is_int(n) for n in t["p"]), f"{where}: bad part sizes"
+    )
+    if t["k"] == "dense":
+        _need(len(t["p"]) == 1, f"{where}: a dense tensor has 1 part, got {len(t['p'])}")
+        return
+    _need(t["d"] == "float32", f"{where}: {t['k']} storage needs float32, got {t['d']}")
+    _need(
+        _is_int(t.get("ne")) and _is_int(t.get("ib"), 1) and t["ib"] <= 24,
+        f"{where}: bad entry count or index width",
+    )
+    _check_stream_meta(t.get("g"), where, 24)
+    parts = 2 if t["g"].get("h") else 1
+    if t["k"] == "shared":
+        _need(_is_int(t.get("nc")) and t["nc"] <= 2**MAX_SHARED_BITS, f"{where}: bad codebook size")
+        _check_stream_meta(t.get("v"), where, 16)
+        parts += 1 + (2 if t["v"].get("h") else 1)
+    else:
+        parts += 1
+    _need(
+        len(t["p"]) == parts, f"{where}: {t['k']} tensor has {len(t['p'])} parts, expected {parts}"
+    )
+
+
+def _check_header(header: Any) -> None:
+    """Validate the parsed JSON header; raise :class:`CompressedFormatError` on any defect."""
+    _need(isinstance(header, dict), "the header is not an object")
+    _need(header.get("v") == FORMAT_VERSION, f"header version {header.get('v')!r}")
+    _need(isinstance(header.get("t"), list), "the header has no tensor list")
+    _need(header.get("arch") is None or isinstance(header["arch"], dict), "bad arch entry")
+    _need(
+        isinstance(header["arch"].get("model"), str) if header.get("arch") else True,
+        "arch has no model name",
+    )
+    lr = header.get("lr", {})
+    _need(
+        isinstance(lr, dict) and all(isinstance(k, str) and _is_int(v, 1) for k, v in lr.items()),
+        "bad low-rank entry",
+    )
+    for i, t in enumerate(header["t"]):
+        _check_tensor_meta(t, i)
+    names = [t["n"] for t in header["t"]]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    _need(not twice, f"tensor name {twice[0]!r} occurs twice" if twice else "")
+
+
 def _stream_cost(symbols: np.ndarray, alphabet: int, huffman: bool, width: int) -> int:
     """Bits of a stream (Huffman: code bits plus an 8-bit length per table entry)."""
     if not huffman:
@@ -421,6 +537,8 @@ def _encode_tensor(
     """Choose the cheapest of dense / sparse float / shared codebook storage for one tensor."""
     t = t.detach().cpu().contiguous()
     meta: dict[str, Any] = {"n": name, "s": list(t.shape), "d": str(t.dtype).removeprefix("torch.")}
+    if meta["d"] not in DTYPES:
+        raise ValueError(f"{name}: dtype {t.dtype} cannot be stored; supported: {list(DTYPES)}")
     dense = (
         t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes()
     )
@@ -449,38 +567,33 @@ def _encode_tensor(
 
 
 def _decode_tensor(meta: dict, parts: list[bytes]) -> Tensor:
+    """One tensor from its (validated) header entry and byte parts."""
     shape, dtype = tuple(meta["s"]), getattr(torch, meta["d"])
     numel = int(np.prod(shape)) if shape else 1
+    where = f"tensor {meta['n']!r}"
     if meta["k"] == "dense":
-        if dtype == torch.bfloat16:
-            return (
-                torch.from_numpy(np.frombuffer(parts[0], dtype=np.int16).copy())
-                .view(torch.bfloat16)
-                .reshape(shape)
-            )
-        arr = np.frombuffer(parts[0], dtype=torch.empty(0, dtype=dtype).numpy().dtype)
-        return torch.from_numpy(arr.copy()).reshape(shape)
+        np_dtype = (
+            np.int16 if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+        )
+        _need(len(parts[0]) == numel * np.dtype(np_dtype).itemsize, f"{where}: wrong byte count")
+        t = torch.from_numpy(np.frombuffer(parts[0], dtype=np_dtype).copy())
+        return (t.view(torch.bfloat16) if dtype == torch.bfloat16 else t).reshape(shape)
     n, ng = meta["ne"], 2 if meta["g"].get("h") else 1
     if meta["k"] == "sparse":
         gaps = _read_stream(meta["g"], parts[:ng], n)
+        _need(len(parts[ng]) == 4 * n, f"{where}: {len(parts[ng])} value bytes for {n} entries")
         vals = np.frombuffer(parts[ng], dtype="<f4")
         return torch.from_numpy(relative_index_decode(gaps, vals, numel).copy()).reshape(shape)
+    _need(len(parts[0]) == 4 * meta["nc"], f"{where}: codebook bytes do not match its size")
     centroids = torch.from_numpy(np.frombuffer(parts[0], dtype="<f4").copy())
     gaps = _read_stream(meta["g"], parts[1 : 1 + ng], n)
     syms = _read_stream(meta["v"], parts[1 + ng :], n)
     if syms.size and syms.max() > meta["nc"]:
-        raise CompressedFormatError(f"{meta['n']}: codebook index out of range")
+        raise _corrupt(
+            f"{where}: codebook index {int(syms.max())} out of range (codebook of {meta['nc']})"
+        )
     idx = torch.from_numpy(relative_index_decode(gaps, syms, numel)).reshape(shape)
     return SharedWeight(centroids, idx).decode()
-
-
-def _part_count(meta: dict) -> int:
-    if meta["k"] == "dense":
-        return 1
-    g = 2 if meta["g"].get("h") else 1
-    if meta["k"] == "sparse":
-        return g + 1
-    return 1 + g + (2 if meta["v"].get("h") else 1)
 
 
 def save_compressed(
@@ -506,6 +619,12 @@ def save_compressed(
     ``None`` picks, per tensor, the width that gives the fewest bytes. ``arch`` (e.g.
     ``{"model": "lenet300"}`` plus ``utils.models.build_model`` arguments) is stored so
     that :func:`load_compressed` can rebuild the model without a template.
+
+    Lossless in value: every tensor reloads equal to the saved one (``torch.equal``)
+    with its dtype and shape. The one thing not kept is the sign of a zero in a
+    ``sparse`` or ``shared`` tensor: zeros are not stored there, so a pruned ``−0.0``
+    reloads as ``+0.0`` (equal as a number, different as a bit pattern); ``dense``
+    tensors keep their exact bytes.
 
     Layout: ``b"DCMP"``, version (u8), header length (u32), zlib-compressed JSON header,
     the byte parts, and a CRC-32 of everything before it.
@@ -545,8 +664,12 @@ def read_compressed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     """Read a file of :func:`save_compressed`: ``(state_dict, header)``.
 
     Raises:
-        CompressedFormatError: the file is not of this format, is truncated or its
-            checksum does not match (a corrupted byte).
+        CompressedFormatError: (a ``ValueError``) the file is not of this format, is
+            truncated, has trailing bytes, its checksum does not match (a corrupted
+            byte), or its checksum matches but its content is malformed (a header entry
+            that is missing or of the wrong type, an unknown storage kind, an invalid
+            Huffman code, a codebook index out of range …): the message starts with
+            the path and says what is wrong.
     """
     check_type("path", path, (str, Path))
     data = Path(path).read_bytes()
@@ -561,11 +684,15 @@ def read_compressed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
         )
     try:
         header = json.loads(zlib.decompress(data[9 : 9 + head_len]))
-        need = 9 + head_len + sum(sum(t["p"]) for t in header["t"]) + 4
-    except Exception as exc:
+    except (zlib.error, ValueError) as exc:
         raise CompressedFormatError(
             f"{path}: unreadable header (truncated or corrupted file): {exc}"
         ) from None
+    try:
+        _check_header(header)
+    except CompressedFormatError as exc:
+        raise CompressedFormatError(f"{path}: {exc}") from None
+    need = 9 + head_len + sum(sum(t["p"]) for t in header["t"]) + 4
     if len(data) != need:
         raise CompressedFormatError(
             f"{path}: file is truncated or has trailing bytes: expected {need} bytes, got {len(data)}"
@@ -579,14 +706,22 @@ def read_compressed(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
         for n in meta["p"]:
             parts.append(data[off : off + n])
             off += n
-        if len(parts) != _part_count(meta):
-            raise CompressedFormatError(f"{path}: tensor {meta['n']} has {len(parts)} parts")
-        state[meta["n"]] = _decode_tensor(meta, parts)
+        try:
+            state[meta["n"]] = _decode_tensor(meta, parts)
+        except CompressedFormatError as exc:
+            raise CompressedFormatError(f"{path}: {exc}") from None
+        except ValueError as exc:  # an invalid Huffman code, a stream too short …
+            raise CompressedFormatError(
+                f"{path}: corrupt compressed file: tensor {meta['n']!r}: {exc}"
+            ) from None
     return state, header
 
 
 def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild the model saved by :func:`save_compressed` (weights bit-identical), in eval mode.
+    """Rebuild the model saved by :func:`save_compressed` (every weight equal to the saved one), in eval mode.
+
+    Equal in value (``torch.equal``), not always in bits: a ``−0.0`` of a sparse or
+    shared weight comes back as ``+0.0`` (see :func:`save_compressed`).
 
     ``model`` is a template of the same architecture (copied, not modified); without it,
     the model is built from the ``arch`` stored in the file (``utils.models.build_model``
@@ -606,14 +741,28 @@ def load_compressed(path: str | Path, model: nn.Module | None = None) -> nn.Modu
         arch = dict(header["arch"])
         net = build_model(arch.pop("model"), **arch)
     for name, rank in (header.get("lr") or {}).items():
-        if not isinstance(net.get_submodule(name), LowRankLinear):
+        try:
+            layer = net.get_submodule(name)
+        except AttributeError:
+            raise CompressedFormatError(
+                f"{path}: low-rank layer {name!r} is not in the model"
+            ) from None
+        if not isinstance(layer, (LowRankLinear, nn.Linear)):
+            raise CompressedFormatError(f"{path}: low-rank layer {name!r} is not a Linear layer")
+        if not isinstance(layer, LowRankLinear):
             _set_module(net, name, LowRankLinear.from_linear(net.get_submodule(name), rank))
     net.load_state_dict(state)
     return net.eval()
 
 
 def file_breakdown(path: str | Path) -> dict[str, int]:
-    """Bytes of the file by role: ``header``, ``codebook``, ``index`` (positions), ``weights``, ``dense``."""
+    """Bytes of the file by role: ``header``, ``codebook``, ``index`` (positions), ``weights``, ``dense``.
+
+    ``header`` also counts the magic, version, lengths and checksum; ``index`` the
+    relative-index streams (with their Huffman tables); ``weights`` the codebook-index
+    streams of shared tensors and the float32 values of sparse ones; ``dense`` the raw
+    tensors. The roles add up to the file size.
+    """
     _, header = read_compressed(path)
     parts = sum(sum(meta["p"]) for meta in header["t"])
     out = {
@@ -679,12 +828,22 @@ class LowRankLinear(nn.Module):
 
 
 def rank_for_energy(weight: Tensor, energy: float) -> int:
-    """Smallest ``r`` with ``Σ_{i≤r} σ_i² ≥ energy · Σ_i σ_i²`` (the kept fraction of ‖W‖_F²)."""
+    """Smallest ``r`` with ``Σ_{i≤r} σ_i² ≥ energy · Σ_i σ_i²`` (the kept fraction of ‖W‖_F²).
+
+    The result lies in ``[1, min(m, n)]`` for an ``m × n`` weight. A zero matrix has no
+    energy to keep: every rank keeps all of it, so the answer is the smallest, 1.
+    """
     check_tensor("weight", weight, finite=True, ndim=2)
     check_float("energy", energy, 0.0, 1.0, min_inclusive=False)
+    if weight.numel() == 0:
+        raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
     s = torch.linalg.svdvals(weight.detach().double())
-    cum = torch.cumsum(s**2, 0) / (s**2).sum()
-    return int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12)) + 1
+    total = (s**2).sum()
+    if total == 0:
+        return 1
+    cum = torch.cumsum(s**2, 0) / total
+    target = torch.tensor(energy, dtype=cum.dtype, device=cum.device) - 1e-12
+    return min(int(torch.searchsorted(cum, target)) + 1, s.numel())
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -786,6 +945,12 @@ def compressed_bytes(
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """Device of ``model``'s first parameter (CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _check_sparsity(sparsity: float | Mapping[str, float]) -> None:
     if isinstance(sparsity, Mapping):
         for name, s in sparsity.items():
@@ -810,13 +975,16 @@ def prune_finetune(
     Round ``t`` prunes every layer to ``s · t / steps`` (``sparsity`` is one fraction for
     all Conv2d/Linear layers or ``{layer: fraction}``) with
     :func:`utils.pruning.magnitude_prune`, then trains ``epochs`` with
-    :func:`utils.training.fit` while the masks keep pruned weights at zero. The masks
-    are then made permanent (plain weights with exact zeros).
+    :func:`utils.training.fit` on the model's device while the masks keep pruned
+    weights at zero. The masks are then made permanent (plain weights with exact zeros).
     """
     check_module("model", model)
+    check_type("train_loader", train_loader, DataLoader)
     _check_sparsity(sparsity)
     check_int("steps", steps, minimum=1)
     check_int("epochs", epochs, minimum=0)
+    check_float("lr", lr, 0.0, min_inclusive=False)
+    device = _device_of(model)
     targets = (
         dict(sparsity)
         if isinstance(sparsity, Mapping)
@@ -832,6 +1000,7 @@ def prune_finetune(
             epochs=epochs,
             lr=lr,
             compute_loss=compute_loss,
+            device=device,
             progress=progress,
             desc=f"prune {t}",
         )
@@ -853,10 +1022,13 @@ def quantize_finetune(
     :func:`apply_weight_sharing` makes the centroids the trainable tensors, so
     :func:`utils.training.fit` updates each centroid by the summed gradient of its
     cluster (Han et al. 2016, eq. 3; biases train too); the shared weights are then
-    materialised with :func:`remove_weight_sharing`.
+    materialised with :func:`remove_weight_sharing`. Trains on the model's device.
     """
     check_module("model", model)
+    check_type("train_loader", train_loader, DataLoader)
     check_int("epochs", epochs, minimum=0)
+    check_float("lr", lr, 0.0, min_inclusive=False)
+    device = _device_of(model)
     apply_weight_sharing(model, bits)
     fit(
         model,
@@ -864,6 +1036,7 @@ def quantize_finetune(
         epochs=epochs,
         lr=lr,
         compute_loss=compute_loss,
+        device=device,
         progress=progress,
         desc="centroids",
     )
@@ -930,15 +1103,24 @@ def deep_compression(
     Huffman coding is lossless. With ``config.low_rank_energy`` the Linear layers are
     first factorised by truncated SVD and fine-tuned. With ``config.distill`` every
     fine-tuning uses chapter 4's :func:`utils.distillation.make_kd_loss` (Hinton et al.
-    2015) with ``teacher`` (default: the dense
-    model), which makes this the prune → quantize → distill recipe.
+    2015) with ``teacher`` (default: the dense model), which makes this the
+    prune → quantize → distill recipe. Everything runs on ``model``'s device (a
+    teacher elsewhere is copied there); the stages are returned on that device.
     """
     check_module("model", model)
+    check_type("train_loader", train_loader, DataLoader)
     check_type("config", config, PipelineConfig)
+    if teacher is not None:
+        check_module("teacher", teacher)
+    device = _device_of(model)
     stages = {"dense": copy.deepcopy(model).eval()}
     work = copy.deepcopy(model)
+    if teacher is not None and _device_of(teacher) != device:
+        teacher = copy.deepcopy(teacher).to(device)
     loss = (
-        make_kd_loss(teacher or stages["dense"], config.temperature, config.alpha)
+        make_kd_loss(
+            teacher if teacher is not None else stages["dense"], config.temperature, config.alpha
+        )
         if config.distill
         else None
     )
@@ -950,7 +1132,9 @@ def deep_compression(
             epochs=config.prune_epochs,
             lr=config.lr,
             compute_loss=loss,
+            device=device,
             progress=progress,
+            desc="low rank",
         )
         stages["low_rank"] = copy.deepcopy(work).eval()
     sparsity, bits = _per_factor(work, config.sparsity), _per_factor(work, config.bits)
@@ -1046,8 +1230,11 @@ def compress_baseline(
     The dense model is ``utils.cache.load_baseline(model, dataset, seed=seed)``; the
     stages are trained once per (baseline, pipeline, batch size) and stored with
     ``utils.cache.cached_state`` as one ``nn.ModuleDict``, so a lesson re-run only loads
-    them. With ``config.distill`` the dense baseline is the teacher.
+    them. With ``config.distill`` the dense baseline is the teacher. Training runs on
+    ``utils.config.get_device()`` (CUDA when present); the stages are returned on the CPU.
     """
+    from utils.config import get_device
+
     check_type("config", config, PipelineConfig)
     check_int("batch_size", batch_size, minimum=1)
     dense = load_baseline(model, dataset, seed=seed)
@@ -1070,8 +1257,9 @@ def compress_baseline(
     def train(holder: nn.Module) -> None:
         seed_everything(seed)
         loader = make_loader(splits.train, batch_size, shuffle=True, seed=seed)
-        for name, stage in deep_compression(dense, loader, config, progress=progress).items():
+        work = copy.deepcopy(dense).to(get_device())
+        for name, stage in deep_compression(work, loader, config, progress=progress).items():
             holder[name].load_state_dict(stage.state_dict())
 
     holder, _, _ = cached_state(f"dc-{model}-{dataset}", key, build, train)
-    return {name: stage.eval() for name, stage in holder.items()}
+    return {name: stage.cpu().eval() for name, stage in holder.items()}

@@ -90,6 +90,8 @@ def load_splits(
     check_choice("name", name, OFFLINE_DATASETS)
     check_int("seed", seed, minimum=0)
     check_type("fractions", fractions, tuple)
+    for f in fractions:
+        check_float("fractions[i]", f)
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"fractions must be three positive numbers summing to 1, got {fractions}")
     check_float("train_fraction", train_fraction, 0.0, 1.0, min_inclusive=False)
@@ -98,6 +100,11 @@ def load_splits(
     if train_fraction < 1.0:
         keep, _, _ = _stratified_split(y[tr], (train_fraction, 0.0, 1 - train_fraction), seed)
         tr = tr[np.sort(keep)]
+    if min(len(tr), len(va), len(te)) == 0:
+        raise ValueError(
+            f"fractions={fractions} with train_fraction={train_fraction} leave a split of "
+            f"{name!r} empty ({len(tr)}/{len(va)}/{len(te)} examples); use larger fractions"
+        )
 
     def subset(idx: np.ndarray) -> TensorDataset:
         return TensorDataset(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
@@ -111,6 +118,7 @@ def make_loader(
     """A single-process DataLoader; with ``shuffle`` its order is fixed by ``seed``."""
     check_type("dataset", dataset, Dataset)
     check_int("batch_size", batch_size, minimum=1)
+    check_type("shuffle", shuffle, bool)
     check_int("seed", seed, minimum=0)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
@@ -124,6 +132,7 @@ def load_loaders(
     train_fraction: float = 1.0,
 ) -> tuple[DataLoader, DataLoader, DataLoader]:
     """Shortcut: ``load_splits`` then loaders (training loader shuffled with ``seed``)."""
+    check_int("batch_size", batch_size, minimum=1)
     s = load_splits(name, seed=seed, train_fraction=train_fraction)
     return (
         make_loader(s.train, batch_size, shuffle=True, seed=seed),
@@ -145,6 +154,8 @@ def load_online(name: str, root: str | Path = "data/online", *, download: bool =
             offline alternative in the message.
     """
     check_choice("name", name, ONLINE_DATASETS)
+    check_type("root", root, (str, Path))
+    check_type("download", download, bool)
     import torchvision
     from torchvision import transforms
 

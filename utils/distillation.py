@@ -7,7 +7,8 @@
 * Feature-based: :func:`hint_loss` with a learned :class:`HintRegressor` (FitNets,
   Romero et al., ICLR 2015) and :func:`attention_transfer_loss` (Zagoruyko &
   Komodakis, ICLR 2017).
-* Relation-based: :func:`rkd_distance_loss` (relational KD, Park et al., CVPR 2019).
+* Relation-based: :func:`rkd_distance_loss` and :func:`rkd_angle_loss` (relational KD,
+  Park et al., CVPR 2019).
 * Adversarial: a :class:`LogitDiscriminator` tells teacher from student logits and
   the student learns to fool it (:class:`AdversarialLoss`; Xu, Hsu & Huang,
   ICLR-W 2018).
@@ -16,7 +17,10 @@
   distilled on them (:func:`data_free_distill`).
 
 Every trainer here is a ``compute_loss`` closure handed to the course's one loop,
-:func:`utils.training.fit`; nothing re-implements the loop.
+:func:`utils.training.fit`; nothing re-implements the loop. Devices: a frozen teacher
+(or discriminator) runs on the device of its own parameters and its outputs are moved
+to the student's, so a CPU teacher and a CUDA student (or the reverse) work together;
+:func:`distill` and :func:`train_generator` give the teacher back on the device it came on.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from utils.config import get_device
-from utils.training import LossFn, fit
+from utils.training import LossFn, device_of, fit
 from utils.validation import (
     check_choice,
     check_float,
@@ -39,6 +43,11 @@ from utils.validation import (
     check_tensor,
     check_type,
 )
+
+VERSION = 2
+"""Put this in the cache key of any model trained with these losses: it is bumped when a fix
+changes what a student learns (2: RKD distances computed exactly, no longer by ``cdist``'s
+matrix-product formula, which cancelled for batches over 25)."""
 
 METHODS = ("scratch", "kd", "fitnets", "at", "rkd", "adversarial")
 """Methods of :func:`distill` (``"scratch"``: hard labels only, no teacher)."""
@@ -54,13 +63,38 @@ def _check_temperature(temperature: float) -> None:
     check_float("temperature", temperature, 0.0, min_inclusive=False)
 
 
+def _check_logits(name: str, logits: Tensor) -> None:
+    """``logits`` must be a finite floating-point ``(N, K)`` tensor with ``N ≥ 1``, ``K ≥ 2``."""
+    check_tensor(name, logits, ndim=2, finite=True)
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
+    if logits.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one row (an empty batch has no mean loss)")
+    if logits.shape[1] < 2:
+        raise ValueError(f"{name} must have at least 2 classes, got shape {tuple(logits.shape)}")
+
+
+def _check_labels(labels: Tensor, rows: int, classes: int) -> None:
+    """``labels`` must be ``rows`` integer class indices in ``[0, classes)``."""
+    check_tensor("labels", labels, ndim=1)
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.shape[0] != rows:
+        raise ValueError(f"labels must have {rows} entries, got {labels.shape[0]}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(
+            f"labels must lie in [0, {classes - 1}] (one index per class), "
+            f"got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
+
+
 def soft_targets(logits: Tensor, temperature: float) -> Tensor:
     """Temperature-softened probabilities ``p_i = exp(z_i/T) / Σ_j exp(z_j/T)`` (Hinton et al. 2015, eq. 1).
 
     ``T = 1`` is the ordinary softmax; a higher ``T`` gives a softer distribution
     that shows which wrong classes the model finds similar ("dark knowledge").
     """
-    check_tensor("logits", logits, ndim=2)
+    _check_logits("logits", logits)
     _check_temperature(temperature)
     return F.softmax(logits / temperature, dim=1)
 
@@ -86,8 +120,8 @@ def kd_loss(
         labels: ``(N,)`` class indices; required when ``alpha < 1``.
         alpha: weight of the soft term, in ``[0, 1]``.
     """
-    check_tensor("student_logits", student_logits, ndim=2)
-    check_tensor("teacher_logits", teacher_logits, ndim=2)
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student_logits and teacher_logits must have the same shape, got "
@@ -95,22 +129,19 @@ def kd_loss(
         )
     _check_temperature(temperature)
     check_float("alpha", alpha, 0.0, 1.0)
-    if alpha < 1.0:
-        if labels is None:
-            raise ValueError(
-                "labels are required when alpha < 1 (the hard-label term has weight 1 - alpha)"
-            )
-        check_tensor("labels", labels, ndim=1)
-        if labels.shape[0] != student_logits.shape[0]:
-            raise ValueError(
-                f"labels must have {student_logits.shape[0]} entries, got {labels.shape[0]}"
-            )
+    if alpha < 1.0 and labels is None:
+        raise ValueError(
+            "labels are required when alpha < 1 (the hard-label term has weight 1 - alpha)"
+        )
+    if labels is not None:
+        _check_labels(labels, student_logits.shape[0], student_logits.shape[1])
     log_q = F.log_softmax(student_logits / temperature, dim=1)
     log_p = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
     soft = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature**2
     if alpha == 1.0:
         return soft
-    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+    hard = F.cross_entropy(student_logits, labels.to(student_logits.device))
+    return alpha * soft + (1.0 - alpha) * hard
 
 
 # ---------------------------------------------------------------- features
@@ -125,6 +156,8 @@ def capture_features(model: nn.Module, names: Sequence[str]) -> Iterator[dict[st
     """
     check_module("model", model)
     check_type("names", names, (list, tuple))
+    for name in names:
+        check_type("names[i]", name, str)
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
@@ -150,6 +183,7 @@ class HintRegressor(nn.Module):
         super().__init__()
         check_int("student_channels", student_channels, minimum=1)
         check_int("teacher_channels", teacher_channels, minimum=1)
+        check_type("conv", conv, bool)
         if conv:
             self.proj: nn.Module = nn.Conv2d(student_channels, teacher_channels, 1)
         else:
@@ -165,16 +199,16 @@ def hint_loss(student_feature: Tensor, teacher_feature: Tensor, regressor: nn.Mo
     ``r`` is the learned ``regressor`` that maps the thinner student feature to the
     teacher's width; the teacher feature is detached.
     """
-    check_tensor("student_feature", student_feature)
-    check_tensor("teacher_feature", teacher_feature)
+    check_tensor("student_feature", student_feature, finite=True)
+    check_tensor("teacher_feature", teacher_feature, finite=True)
     check_module("regressor", regressor)
-    mapped = regressor(student_feature)
+    mapped = regressor(student_feature.to(device_of(regressor)))
     if mapped.shape != teacher_feature.shape:
         raise ValueError(
             f"regressor(student_feature) has shape {tuple(mapped.shape)} but teacher_feature has "
             f"{tuple(teacher_feature.shape)}; choose the regressor's output width and the layers to match"
         )
-    return F.mse_loss(mapped, teacher_feature.detach())
+    return F.mse_loss(mapped, teacher_feature.detach().to(mapped.device))
 
 
 def attention_map(feature: Tensor, p: int = 2) -> Tensor:
@@ -182,7 +216,7 @@ def attention_map(feature: Tensor, p: int = 2) -> Tensor:
 
     ``feature`` is ``(N, C, H, W)``; the result is ``(N, H·W)`` with unit L2 norm per row.
     """
-    check_tensor("feature", feature, ndim=4)
+    check_tensor("feature", feature, ndim=4, finite=True)
     check_int("p", p, minimum=1)
     return F.normalize(feature.abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
@@ -202,22 +236,41 @@ def attention_transfer_loss(
         raise ValueError(
             "student_features and teacher_features must be non-empty and of equal length"
         )
+    check_int("p", p, minimum=1)
     total = student_features[0].new_zeros(())
     for s, t in zip(student_features, teacher_features, strict=True):
-        check_tensor("student feature", s, ndim=4)
-        check_tensor("teacher feature", t, ndim=4)
+        check_tensor("student_features[i]", s, ndim=4)
+        check_tensor("teacher_features[i]", t, ndim=4)
         if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
             raise ValueError(
                 f"feature maps must share batch and spatial size, got {tuple(s.shape)} and {tuple(t.shape)}"
             )
-        total = total + (attention_map(s, p) - attention_map(t.detach(), p)).pow(2).mean()
+        q_t = attention_map(t.detach(), p).to(s.device)
+        total = total + (attention_map(s, p) - q_t).pow(2).mean()
     return total
 
 
 def _normalized_distances(embedding: Tensor) -> Tensor:
-    d = torch.cdist(embedding, embedding)
+    """``‖e_i − e_j‖₂ / μ`` for every pair, ``μ`` the mean over ``i ≠ j``.
+
+    The distances are computed from the differences ``e_i − e_j``: ``torch.cdist``'s
+    default switches to ``‖a‖² + ‖b‖² − 2ab`` for batches over 25, which cancels
+    catastrophically when the embeddings share a large offset (e.g. post-ReLU features).
+    """
+    d = torch.cdist(embedding, embedding, compute_mode="donot_use_mm_for_euclid_dist")
     off_diagonal = d[~torch.eye(len(d), dtype=torch.bool, device=d.device)]
     return d / off_diagonal.mean().clamp_min(1e-12)
+
+
+def _check_embeddings(student_embedding: Tensor, teacher_embedding: Tensor, minimum: int) -> None:
+    check_tensor("student_embedding", student_embedding, ndim=2, finite=True)
+    check_tensor("teacher_embedding", teacher_embedding, ndim=2, finite=True)
+    n_s, n_t = student_embedding.shape[0], teacher_embedding.shape[0]
+    if n_s != n_t or n_s < minimum:
+        raise ValueError(
+            f"student_embedding and teacher_embedding need the same batch size, at least "
+            f"{minimum}; got {n_s} and {n_t}"
+        )
 
 
 def rkd_distance_loss(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
@@ -227,16 +280,43 @@ def rkd_distance_loss(student_embedding: Tensor, teacher_embedding: Tensor) -> T
     ``i ≠ j`` of the batch; the loss is the Huber (smooth-L1) distance between the
     student's and the teacher's ``ψ_D`` matrices. Embedding widths may differ.
     """
-    check_tensor("student_embedding", student_embedding, ndim=2)
-    check_tensor("teacher_embedding", teacher_embedding, ndim=2)
-    if student_embedding.shape[0] != teacher_embedding.shape[0] or student_embedding.shape[0] < 2:
-        raise ValueError("the embeddings need the same batch size, at least 2")
+    _check_embeddings(student_embedding, teacher_embedding, 2)
     with torch.no_grad():
-        target = _normalized_distances(teacher_embedding.detach().flatten(1))
-    return F.smooth_l1_loss(_normalized_distances(student_embedding.flatten(1)), target)
+        target = _normalized_distances(teacher_embedding.detach()).to(student_embedding.device)
+    return F.smooth_l1_loss(_normalized_distances(student_embedding), target)
+
+
+def _triplet_cosines(embedding: Tensor) -> Tensor:
+    """``cos ∠t_i t_j t_k = ⟨e_ij, e_kj⟩`` with ``e_ij = (t_i − t_j)/‖t_i − t_j‖₂``, as ``(N, N, N)`` indexed ``[j, i, k]``.
+
+    A zero difference (``i = j`` or ``k = j``) gives a zero vector, so those entries are 0.
+    """
+    diff = embedding.unsqueeze(0) - embedding.unsqueeze(1)  # diff[j, i] = t_i − t_j
+    unit = F.normalize(diff, p=2, dim=2)
+    return torch.bmm(unit, unit.transpose(1, 2))
+
+
+def rkd_angle_loss(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
+    """Relational KD, angle-wise (Park et al. 2019, eq. 6–7).
+
+    ``ψ_A(t_i, t_j, t_k) = cos ∠t_i t_j t_k = ⟨e_ij, e_kj⟩``, ``e_ij = (t_i − t_j) / ‖t_i − t_j‖₂``;
+    the loss is the Huber (smooth-L1) distance between the student's and the teacher's
+    ``ψ_A`` over all ``N³`` triplets (mean, as in the authors' code). Angles need no
+    normalisation: they are already invariant to scale, rotation and translation.
+    """
+    _check_embeddings(student_embedding, teacher_embedding, 3)
+    with torch.no_grad():
+        target = _triplet_cosines(teacher_embedding.detach()).to(student_embedding.device)
+    return F.smooth_l1_loss(_triplet_cosines(student_embedding), target)
 
 
 # ---------------------------------------------------------------- adversarial
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: nn.Module, x: Tensor) -> Tensor:
+    """The teacher's output on ``x``, computed on the teacher's device, returned on ``x``'s."""
+    return teacher(x.to(device_of(teacher))).to(x.device)
 
 
 class LogitDiscriminator(nn.Module):
@@ -279,11 +359,12 @@ class AdversarialLoss:
         self.d_losses: list[float] = []
 
     def __call__(self, student: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
-        student_logits = student(x)
-        d_real = self.discriminator(teacher_logits)
-        d_fake = self.discriminator(student_logits.detach())
+        check_module("student", student)
+        student_logits = student(x.to(device_of(student)))
+        teacher_logits = _teacher_logits(self.teacher, x)
+        d_device = device_of(self.discriminator)
+        d_real = self.discriminator(teacher_logits.to(d_device))
+        d_fake = self.discriminator(student_logits.detach().to(d_device))
         d_loss = F.binary_cross_entropy_with_logits(
             d_real, torch.ones_like(d_real)
         ) + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
@@ -291,9 +372,10 @@ class AdversarialLoss:
         d_loss.backward()
         self.optimizer.step()
         self.d_losses.append(d_loss.item())
-        fool = self.discriminator(student_logits)
+        fool = self.discriminator(student_logits.to(d_device)).to(student_logits.device)
         adv = F.binary_cross_entropy_with_logits(fool, torch.ones_like(fool))
-        return F.cross_entropy(student_logits, y) + self.weight * adv
+        hard = F.cross_entropy(student_logits, y.to(student_logits.device))
+        return hard + self.weight * adv
 
 
 # ---------------------------------------------------------------- trainer
@@ -323,11 +405,35 @@ def make_kd_loss(teacher: nn.Module, temperature: float = 4.0, alpha: float = 0.
     check_float("alpha", alpha, 0.0, 1.0)
 
     def compute_loss(student: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        with torch.no_grad():
-            teacher_logits = teacher(x)
-        return kd_loss(student(x), teacher_logits, temperature, y, alpha)
+        x = x.to(device_of(student))
+        return kd_loss(student(x), _teacher_logits(teacher, x), temperature, y, alpha)
 
     return compute_loss
+
+
+@contextmanager
+def on_device(model: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
+    """Inside the block ``model`` lives on ``device``; on exit it goes back to where it was."""
+    check_module("model", model)
+    home = device_of(model)
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to(home)
+
+
+def _check_layers(pairs: list, student: nn.Module, teacher: nn.Module) -> None:
+    """``pairs`` must be ``(student layer, teacher layer)`` names of submodules of each model."""
+    s_names, t_names = dict(student.named_modules()), dict(teacher.named_modules())
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"layers must be (student layer, teacher layer) pairs, got {pair!r}")
+        if pair[0] not in s_names or pair[1] not in t_names:
+            raise ValueError(
+                f"layers pair {tuple(pair)} must name a student and a teacher submodule; "
+                f"student has {list(s_names)[1:]}, teacher has {list(t_names)[1:]}"
+            )
 
 
 def _example(loader: DataLoader, device: torch.device) -> Tensor:
@@ -356,12 +462,13 @@ def _feature_loss(
     t_names = [t for _, t in layers]
 
     def compute_loss(student: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        x = x.to(device_of(student))
         with capture_features(teacher, t_names) as t_feats, torch.no_grad():
-            teacher(x)
+            teacher(x.to(device_of(teacher)))
         with capture_features(student, s_names) as s_feats:
             logits = student(x)
         s_list = [s_feats[n] for n in s_names]
-        t_list = [t_feats[n] for n in t_names]
+        t_list = [t_feats[n].to(x.device) for n in t_names]
         if method == "fitnets":
             transfer = sum(
                 hint_loss(s, t, r) for s, t, r in zip(s_list, t_list, regressors, strict=True)
@@ -373,7 +480,7 @@ def _feature_loss(
                 rkd_distance_loss(s.flatten(1), t.flatten(1))
                 for s, t in zip(s_list, t_list, strict=True)
             )
-        return F.cross_entropy(logits, y) + weight * transfer
+        return F.cross_entropy(logits, y.to(x.device)) + weight * transfer
 
     return compute_loss
 
@@ -424,12 +531,14 @@ def distill(
             desc=method,
         )
     check_module("teacher", teacher)
+    check_type("train_loader", train_loader, DataLoader)
     weight = DEFAULT_WEIGHTS.get(method, 0.0) if weight is None else weight
     check_float("weight", weight, 0.0)
+    pairs = list(layers) if layers is not None else DEFAULT_LAYERS.get(method, [])
+    _check_layers(pairs, student, teacher)
     device = get_device()
-    teacher.to(device)
     params = list(student.parameters())
-    with frozen(teacher):
+    with frozen(teacher), on_device(teacher, device), on_device(student, device):
         if method == "kd":
             compute_loss = make_kd_loss(teacher, temperature, alpha)
         elif method == "adversarial":
@@ -438,11 +547,9 @@ def distill(
                 teacher, LogitDiscriminator(num_classes).to(device), weight=weight
             )
         else:
-            pairs = list(layers) if layers is not None else DEFAULT_LAYERS[method]
             regressors = nn.ModuleList()
             if method == "fitnets":
                 example = _example(train_loader, device)
-                student.to(device)
                 for s_name, t_name in pairs:
                     regressors.append(
                         HintRegressor(
@@ -521,7 +628,7 @@ def dafl_generator_loss(
     confident), ``L_a = −mean|f_t|`` (strong teacher features),
     ``L_ie = −H(mean_i softmax(z_t^i))`` (all classes equally often).
     """
-    check_tensor("teacher_logits", teacher_logits, ndim=2)
+    _check_logits("teacher_logits", teacher_logits)
     check_tensor("teacher_features", teacher_features)
     check_float("activation_weight", activation_weight, 0.0)
     check_float("entropy_weight", entropy_weight, 0.0)
@@ -539,6 +646,7 @@ def noise_loader(
     check_int("num_batches", num_batches, minimum=1)
     check_int("batch_size", batch_size, minimum=2)
     check_int("latent_dim", latent_dim, minimum=1)
+    check_int("seed", seed, minimum=0)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(num_batches * batch_size, latent_dim, generator=gen)
     return DataLoader(
@@ -562,15 +670,18 @@ def train_generator(
     """Train ``generator`` with :func:`dafl_generator_loss` against the frozen teacher (no real data)."""
     check_module("generator", generator)
     check_module("teacher", teacher)
+    check_type("noise", noise, DataLoader)
     check_type("feature_layer", feature_layer, str)
-    teacher.to(get_device())
+    if feature_layer not in dict(teacher.named_modules()):
+        raise ValueError(f"feature_layer {feature_layer!r} is not a submodule of the teacher")
 
     def compute_loss(gen: nn.Module, z: Tensor, _y: Tensor) -> Tensor:
+        images = gen(z.to(device_of(gen)))
         with capture_features(teacher, [feature_layer]) as feats:
-            logits = teacher(gen(z))
+            logits = teacher(images.to(device_of(teacher)))
         return dafl_generator_loss(logits, feats[feature_layer])
 
-    with frozen(teacher):
+    with frozen(teacher), on_device(teacher, get_device()):
         return fit(
             generator,
             noise,
@@ -601,7 +712,14 @@ def cached_generator(
     from utils.cache import cached_state
     from utils.config import seed_everything
 
+    check_module("teacher", teacher)
     check_type("teacher_config", teacher_config, dict)
+    check_int("epochs", epochs, minimum=0)
+    check_int("num_batches", num_batches, minimum=1)
+    check_int("batch_size", batch_size, minimum=2)
+    check_int("latent_dim", latent_dim, minimum=1)
+    check_int("channels", channels, minimum=2)
+    check_int("seed", seed, minimum=0)
     config = {
         "teacher": teacher_config,
         "epochs": epochs,
@@ -643,15 +761,17 @@ def synthesize(
     check_int("num_images", num_images, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
     check_int("seed", seed, minimum=0)
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(num_images, generator.latent_dim, generator=gen)
-    device = next(generator.parameters()).device
+    latent_dim = getattr(generator, "latent_dim", None)
+    if not isinstance(latent_dim, int):
+        raise TypeError("generator must have an int attribute latent_dim (e.g. a Generator)")
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same codes on every device
+    z = torch.randn(num_images, latent_dim, generator=gen)
     images, logits = [], []
     with frozen(teacher), frozen(generator):
         for chunk in z.split(batch_size):
-            x = generator(chunk.to(device))
+            x = generator(chunk.to(device_of(generator)))
             images.append(x.cpu())
-            logits.append(teacher.to(device)(x).cpu())
+            logits.append(teacher(x.to(device_of(teacher))).cpu())
     return TensorDataset(torch.cat(images), torch.cat(logits))
 
 
@@ -678,6 +798,7 @@ def data_free_distill(
     """
     check_module("student", student)
     _check_temperature(temperature)
+    check_int("batch_size", batch_size, minimum=1)
     transfer = synthesize(generator, teacher, num_images, seed=seed)
     loader = DataLoader(
         transfer, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
@@ -747,6 +868,7 @@ def gap_recovered(scratch: float, distilled: float, teacher: float) -> float:
 
 
 __all__ = [
+    "VERSION",
     "METHODS",
     "DEFAULT_WEIGHTS",
     "DEFAULT_LAYERS",
@@ -758,6 +880,8 @@ __all__ = [
     "attention_map",
     "attention_transfer_loss",
     "rkd_distance_loss",
+    "rkd_angle_loss",
+    "on_device",
     "LogitDiscriminator",
     "AdversarialLoss",
     "frozen",

@@ -17,6 +17,10 @@
   "Pruning Filters for Efficient ConvNets", ICLR 2017) or the first-order Taylor
   criterion (Molchanov et al., "Importance Estimation for Neural Network Pruning",
   CVPR 2019). The result is a plain, smaller ``nn.Module``.
+* **Iterative Taylor pruning** (Molchanov et al., "Pruning Convolutional Neural
+  Networks for Resource Efficient Inference", ICLR 2017): rank feature maps by
+  ``|mean(activation × gradient)|`` with per-layer L2 normalisation, remove the
+  lowest, fine-tune a few steps, repeat (:func:`iterative_taylor_prune`).
 * **Sparse storage accounting**: bytes of dense, CSR, bitmask and N:M formats.
 """
 
@@ -27,6 +31,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
@@ -118,27 +123,37 @@ def global_magnitude_masks(weights: Sequence[Tensor], amount: float) -> list[Ten
     return out
 
 
-def nm_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
-    """N:M mask: in every group of ``m`` consecutive weights along the input dimension keep the ``n`` largest ``|w|``.
-
-    The weight is viewed as ``(out, in·k·k)``; each row is cut into groups of ``m``
-    (Mishra et al. 2021; 2:4 is what NVIDIA sparse tensor cores run). The
-    sparsity is exactly ``1 − n/m``.
-    """
-    check_tensor("weight", weight)
+def _check_nm(n: int, m: int) -> None:
     check_int("m", m, minimum=1)
     check_int("n", n, minimum=1)
     if n > m:
         raise ValueError(f"n must be <= m (keep n of every m weights), got n={n}, m={m}")
+
+
+def nm_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
+    """N:M mask: in every group of ``m`` consecutive *input channels* keep the ``n`` largest ``|w|``.
+
+    Groups run along dimension 1 (the input channels), in the layout the hardware
+    uses: for a ``Linear`` weight ``[out, in]`` each row is cut into groups of ``m``
+    consecutive inputs; for a conv weight ``[K, C, R, S]`` a group is ``m``
+    consecutive input channels ``c … c+m−1`` at one fixed filter position
+    ``(k, r, s)``, as NVIDIA's ASP (``apex.contrib.sparsity``) prunes for 2:4 sparse
+    tensor cores (Mishra et al. 2021). So ``C`` must be a multiple of ``m``, and the
+    sparsity is exactly ``1 − n/m``.
+    """
+    check_tensor("weight", weight)
+    _check_nm(n, m)
     if weight.dim() < 2:
         raise ValueError(f"weight must have at least 2 dimensions, got shape {tuple(weight.shape)}")
-    rows = weight.detach().reshape(weight.shape[0], -1)
-    if rows.shape[1] % m:
-        raise ValueError(f"the input dimension ({rows.shape[1]}) must be a multiple of m={m}")
-    groups = rows.abs().reshape(-1, m)
+    if weight.shape[1] % m:
+        raise ValueError(
+            f"the input dimension (weight.shape[1] = {weight.shape[1]}) must be a multiple of m={m}"
+        )
+    channels_last = weight.detach().movedim(1, -1)  # [K, R, S, C]: groups of m along C
+    groups = channels_last.abs().reshape(-1, m)
     keep = torch.topk(groups, n, dim=1).indices
     mask = torch.zeros_like(groups).scatter_(1, keep, 1.0)
-    return mask.reshape(weight.shape).to(weight.dtype)
+    return mask.reshape(channels_last.shape).movedim(-1, 1).to(weight.dtype)
 
 
 # ------------------------------------------------------------ masks on a model
@@ -163,10 +178,13 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> di
     """
     check_module("model", model)
     modules = dict(model.named_modules())
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a list of layer names, got the string {layers!r}")
     if layers is None:
         return {k: v for k, v in modules.items() if isinstance(v, PRUNABLE_TYPES)}
     out = {}
     for name in layers:
+        check_type("layers[...]", name, str)
         if name not in modules:
             raise ValueError(f"layers: {name!r} is not a module of the model")
         if not isinstance(modules[name], PRUNABLE_TYPES):
@@ -203,6 +221,8 @@ def apply_masks(model: nn.Module, masks: dict[str, Tensor]) -> nn.Module:
                 f"masks[{name!r}] has shape {tuple(mask.shape)}, "
                 f"the weight has {tuple(module.weight.shape)}"
             )
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"masks[{name!r}] must hold only 0 and 1")
         mask = mask.to(module.weight.device, module.weight.dtype)
         existing = _mask_param(module)
         if existing is not None:
@@ -257,11 +277,12 @@ def magnitude_prune(
 
 
 def nm_prune(model: nn.Module, n: int = 2, m: int = 4) -> dict[str, Tensor]:
-    """Apply :func:`nm_mask` in place to every layer whose input dimension is a multiple of ``m``."""
+    """Apply :func:`nm_mask` in place to every layer whose input channels are a multiple of ``m``."""
     check_module("model", model)
+    _check_nm(n, m)
     masks = {}
     for name, module in prunable_layers(model).items():
-        if module.weight[0].numel() % m == 0:
+        if module.weight.shape[1] % m == 0:
             masks[name] = nm_mask(module.weight.detach(), n, m)
     apply_masks(model, masks)
     return masks
@@ -286,7 +307,7 @@ def cubic_sparsity(step: int, total_steps: int, final: float, initial: float = 0
     """
     check_int("step", step, minimum=0)
     check_int("total_steps", total_steps, minimum=1)
-    _check_amount(final)
+    check_float("final", final, 0.0, 1.0, max_inclusive=False)
     check_float("initial", initial, 0.0, final)
     frac = min(step, total_steps) / total_steps
     return final + (initial - final) * (1.0 - frac) ** 3
@@ -303,7 +324,7 @@ class GradualPruning:
     def __init__(
         self, final: float, total_steps: int, *, every: int = 10, scope: str = "global"
     ) -> None:
-        _check_amount(final)
+        check_float("final", final, 0.0, 1.0, max_inclusive=False)
         check_int("total_steps", total_steps, minimum=1)
         check_int("every", every, minimum=1)
         check_choice("scope", scope, ("layer", "global"))
@@ -331,24 +352,32 @@ def sensitivity_scan(
 ) -> list[dict[str, float | str]]:
     """Prune one layer at a time by magnitude and record ``evaluate_fn(model)``.
 
-    Returns rows ``{"layer", "sparsity", "metric"}``; the model is restored after
-    each evaluation (Han et al. 2015 use such scans to pick per-layer rates).
+    A layer that already carries a pruning mask is pruned through that mask (its
+    effective weights ``original ⊙ mask`` are ranked, the old zeros stay zero), so
+    ``sparsity`` is the layer's total fraction of zeros; an unmasked layer's weight
+    is pruned directly. Returns rows ``{"layer", "sparsity", "metric"}``; every
+    weight and mask is restored after each evaluation (Han et al. 2015 use such
+    scans to pick per-layer rates).
     """
     check_module("model", model)
     if not callable(evaluate_fn):
         raise TypeError("evaluate_fn must be callable: model -> float")
     check_type("sparsities", sparsities, (list, tuple))
     for s in sparsities:
-        _check_amount(s)
+        check_float("sparsities[...]", s, 0.0, 1.0, max_inclusive=False)
     rows: list[dict[str, float | str]] = []
     for name, module in prunable_layers(model, layers).items():
-        original = module.weight.detach().clone()
+        masked = _mask_param(module)
+        # the tensor to overwrite: the mask of a masked layer, else the weight itself
+        target = masked.mask if masked is not None else module.weight
+        saved = target.detach().clone()
+        effective = module.weight.detach().clone()
         for s in sparsities:
             with torch.no_grad():
-                module.weight.mul_(magnitude_mask(original, s))
+                target.mul_(magnitude_mask(effective, s))
             rows.append({"layer": name, "sparsity": float(s), "metric": float(evaluate_fn(model))})
             with torch.no_grad():
-                module.weight.copy_(original)
+                target.copy_(saved)
     return rows
 
 
@@ -547,8 +576,19 @@ def _set(module: nn.Module, name: str, value: Tensor | None) -> None:
         setattr(module, name, nn.Parameter(value.detach().clone(), requires_grad=True))
 
 
-def _check_keep(keep: Tensor | Sequence[int], channels: int) -> Tensor:
-    keep = torch.as_tensor(keep, dtype=torch.long).reshape(-1)
+def _check_keep(keep: Tensor | Sequence[int], channels: int, device: torch.device) -> Tensor:
+    """``keep`` as a sorted long tensor on ``device``; integers in ``[0, channels)``, distinct."""
+    if isinstance(keep, Tensor):
+        if keep.dtype == torch.bool or keep.is_floating_point() or keep.is_complex():
+            raise TypeError(f"keep must hold integer channel indices, got a {keep.dtype} tensor")
+    else:
+        check_type("keep", keep, (list, tuple, range))
+        for k in keep:
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+                raise TypeError(
+                    f"keep must hold integer channel indices, got {k!r} ({type(k).__name__})"
+                )
+    keep = torch.as_tensor(keep, dtype=torch.long, device=device).reshape(-1)
     if keep.numel() == 0:
         raise ValueError("keep is empty: a pruned width of 0 would disconnect the network")
     if keep.min() < 0 or keep.max() >= channels:
@@ -561,7 +601,7 @@ def _check_keep(keep: Tensor | Sequence[int], channels: int) -> Tensor:
 def prune_conv_out(conv: nn.Module, keep: Tensor | Sequence[int]) -> None:
     """Keep output channels ``keep`` of a (non-depthwise) ``Conv2d`` or output features of a ``Linear``, in place."""
     check_type("conv", conv, PRUNABLE_TYPES)
-    keep = _check_keep(keep, conv.weight.shape[0])
+    keep = _check_keep(keep, conv.weight.shape[0], conv.weight.device)
     conv.weight = nn.Parameter(conv.weight.detach()[keep].clone())
     if conv.bias is not None:
         _set(conv, "bias", conv.bias.detach()[keep])
@@ -574,13 +614,13 @@ def prune_conv_out(conv: nn.Module, keep: Tensor | Sequence[int]) -> None:
 def prune_bn(bn: nn.Module, keep: Tensor | Sequence[int]) -> None:
     """Keep channels ``keep`` of a BatchNorm layer (affine parameters and running statistics), in place."""
     check_type("bn", bn, (nn.BatchNorm1d, nn.BatchNorm2d))
-    keep = _check_keep(keep, bn.num_features)
+    keep = _check_keep(keep, bn.num_features, _device_of(bn))
     if bn.affine:
         _set(bn, "weight", bn.weight.detach()[keep])
         _set(bn, "bias", bn.bias.detach()[keep])
     if bn.track_running_stats:
-        bn.running_mean = bn.running_mean[keep].clone()
-        bn.running_var = bn.running_var[keep].clone()
+        bn.running_mean = bn.running_mean[keep.to(bn.running_mean.device)].clone()
+        bn.running_var = bn.running_var[keep.to(bn.running_var.device)].clone()
     bn.num_features = len(keep)
 
 
@@ -607,7 +647,7 @@ def prune_in(layer: nn.Module, keep: Tensor | Sequence[int], per_channel: int = 
             raise TypeError(
                 "prune_in needs an ungrouped Conv2d; use prune_depthwise for depthwise ones"
             )
-        keep = _check_keep(keep, layer.in_channels)
+        keep = _check_keep(keep, layer.in_channels, layer.weight.device)
         layer.weight = nn.Parameter(layer.weight.detach()[:, keep].clone())
         layer.in_channels = len(keep)
     else:
@@ -615,8 +655,10 @@ def prune_in(layer: nn.Module, keep: Tensor | Sequence[int], per_channel: int = 
             raise ValueError(
                 f"in_features={layer.in_features} is not a multiple of per_channel={per_channel}"
             )
-        keep = _check_keep(keep, layer.in_features // per_channel)
-        cols = (keep[:, None] * per_channel + torch.arange(per_channel)).reshape(-1)
+        keep = _check_keep(keep, layer.in_features // per_channel, layer.weight.device)
+        cols = (
+            keep[:, None] * per_channel + torch.arange(per_channel, device=keep.device)
+        ).reshape(-1)
         layer.weight = nn.Parameter(layer.weight.detach()[:, cols].clone())
         layer.in_features = len(cols)
 
@@ -624,7 +666,7 @@ def prune_in(layer: nn.Module, keep: Tensor | Sequence[int], per_channel: int = 
 def prune_group(group: ChannelGroup, keep: Tensor | Sequence[int]) -> None:
     """Physically keep only channels ``keep`` in every layer of ``group`` (in place)."""
     check_type("group", group, ChannelGroup)
-    keep = _check_keep(keep, group.channels)
+    keep = _check_keep(keep, group.channels, group.producers[0].weight.device)
     layers = [*group.producers, *group.norms, *group.depthwise, *(c for c, _ in group.consumers)]
     if any(parametrize.is_parametrized(layer) for layer in layers):
         raise ValueError("remove the masks first (make_permanent) before channel pruning")
@@ -642,6 +684,20 @@ def l1_channel_importance(group: ChannelGroup) -> Tensor:
     """``I_c = Σ_producers ‖W_c‖₁``: the L1 norm of each output filter (Li et al. 2017), summed over coupled layers."""
     check_type("group", group, ChannelGroup)
     return sum(p.weight.detach().abs().reshape(group.channels, -1).sum(1) for p in group.producers)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """Device of the first parameter or buffer of ``module`` (CPU for an empty one)."""
+    t = next(module.parameters(), None)
+    if t is None:
+        t = next(module.buffers(), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def _check_groups(groups: Sequence[ChannelGroup]) -> None:
+    check_type("groups", groups, (list, tuple))
+    for i, g in enumerate(groups):
+        check_type(f"groups[{i}]", g, ChannelGroup)
 
 
 def _group_params(group: ChannelGroup) -> list[Tensor]:
@@ -668,11 +724,14 @@ def taylor_channel_importance(
     from utils.training import cross_entropy_loss
 
     check_module("model", model)
+    _check_groups(groups)
     check_type("loader", loader, DataLoader)
     check_int("num_batches", num_batches, minimum=1)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError("loss_fn must be callable: (model, x, y) -> loss")
     loss_fn = loss_fn or cross_entropy_loss
-    device = next(model.parameters()).device
-    scores = [torch.zeros(g.channels) for g in groups]
+    device = _device_of(model)
+    scores = [torch.zeros(g.channels, device=device) for g in groups]
     was_training = model.training
     model.eval()  # BN uses its running statistics, as at inference
     for b, (x, y) in enumerate(loader):
@@ -683,7 +742,7 @@ def taylor_channel_importance(
         with torch.no_grad():
             for g, score in zip(groups, scores, strict=True):
                 contrib = sum(
-                    (t.grad * t).reshape(g.channels, -1).sum(1).cpu()
+                    (t.grad * t).reshape(g.channels, -1).sum(1)
                     for t in _group_params(g)
                     if t.grad is not None
                 )
@@ -732,6 +791,8 @@ def prune_channels(
     check_module("model", model)
     _check_amount(amount)
     check_choice("criterion", criterion, ("l1", "taylor", "random"))
+    check_int("num_batches", num_batches, minimum=1)
+    check_int("seed", seed, minimum=0)
     if criterion == "taylor" and loader is None:
         raise ValueError("criterion='taylor' needs a loader of training batches")
     if get_masks(model):
@@ -744,7 +805,7 @@ def prune_channels(
         scores = taylor_channel_importance(pruned, groups, loader, num_batches=num_batches)
     else:
         gen = torch.Generator().manual_seed(seed)
-        scores = [torch.rand(g.channels, generator=gen) for g in groups]
+        scores = [torch.rand(g.channels, generator=gen).to(_device_of(pruned)) for g in groups]
     keeps = [
         torch.topk(s, kept_channels(g.channels, amount)).indices
         for g, s in zip(groups, scores, strict=True)
@@ -752,6 +813,199 @@ def prune_channels(
     for g, keep in zip(groups, keeps, strict=True):
         prune_group(g, keep)
     return pruned
+
+
+# ------------------------------------------------------ iterative Taylor pruning
+
+
+def _activation_module(group: ChannelGroup) -> nn.Module:
+    """The layer whose output holds the group's feature maps: its first BatchNorm, else the producer."""
+    if len(group.producers) != 1:
+        raise ValueError(
+            f"group {group.name!r} has {len(group.producers)} coupled producers (a residual "
+            "stage); activation-based Taylor pruning supports chains (one producer per group)"
+        )
+    return group.norms[0] if group.norms else group.producers[0]
+
+
+def taylor_activation_importance(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    loader: DataLoader,
+    *,
+    num_batches: int = 4,
+    loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
+) -> list[Tensor]:
+    """Molchanov et al. (ICLR 2017) criterion of every feature map, L2-normalised per layer.
+
+    For feature map ``k`` with activation ``z_k`` (``M`` positions) and example ``t``,
+    ``Θ_t(z_k) = |(1/M) Σ_m z_{k,m} · ∂L/∂z_{k,m}|`` (eq. 8: the first-order Taylor
+    estimate of the change of the loss when ``z_k`` is set to zero). It is averaged
+    over the examples of each mini-batch and over ``num_batches`` mini-batches, then
+    normalised per layer, ``Θ̂_k = Θ_k / ‖Θ‖₂`` (§2.2), so layers can be ranked together.
+    The activation is read at the group's first BatchNorm output (else the producer's);
+    for a following ReLU this equals the product at the ReLU's output, because
+    ``∂L/∂z = 0`` where the ReLU is off. Scores are on the model's device.
+    """
+    from utils.training import cross_entropy_loss
+
+    check_module("model", model)
+    _check_groups(groups)
+    check_type("loader", loader, DataLoader)
+    check_int("num_batches", num_batches, minimum=1)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError("loss_fn must be callable: (model, x, y) -> loss")
+    loss_fn = loss_fn or cross_entropy_loss
+    device = _device_of(model)
+    targets = [_activation_module(g) for g in groups]
+    acts: dict[int, Tensor] = {}
+
+    def keep(i: int) -> Callable:
+        def hook(_module: nn.Module, _inputs: object, out: Tensor) -> None:
+            out.retain_grad()
+            acts[i] = out
+
+        return hook
+
+    handles = [t.register_forward_hook(keep(i)) for i, t in enumerate(targets)]
+    scores = [torch.zeros(g.channels, device=device) for g in groups]
+    was_training, seen = model.training, 0
+    model.eval()  # BN uses its running statistics, as at inference
+    try:
+        for b, (x, y) in enumerate(loader):
+            if b == num_batches:
+                break
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, x.to(device), y.to(device)).backward()
+            with torch.no_grad():
+                for i, score in enumerate(scores):
+                    a = acts[i]
+                    per_map = (a * a.grad).reshape(a.shape[0], a.shape[1], -1).mean(2)
+                    score += per_map.abs().mean(0)
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("loader yielded no batches")
+    out = []
+    for score in scores:
+        score = score / seen
+        norm = torch.linalg.vector_norm(score)
+        out.append(score / norm if norm > 0 else score)
+    return out
+
+
+def _take_batches(loader: DataLoader, n: int) -> DataLoader:
+    """The next ``n`` mini-batches of ``loader`` (restarting it if needed) as a loader of their own."""
+    from torch.utils.data import TensorDataset
+
+    from utils.data import make_loader
+
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    while len(xs) < n:
+        for x, y in loader:
+            xs.append(x)
+            ys.append(y)
+            if len(xs) == n:
+                break
+        if not xs:
+            raise ValueError("loader yielded no batches")
+    return make_loader(TensorDataset(torch.cat(xs), torch.cat(ys)), xs[0].shape[0])
+
+
+def iterative_taylor_prune(
+    model: nn.Module,
+    loader: DataLoader,
+    amount: float,
+    *,
+    channels_per_step: int = 1,
+    num_batches: int = 4,
+    finetune_steps: int = 10,
+    lr: float = 1e-3,
+    loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, list[dict[str, float | int | str]]]:
+    """Iterative Taylor pruning of Molchanov et al. (ICLR 2017) on a copy of ``model``.
+
+    Until ``round(amount · C)`` of the ``C`` prunable channels are gone, repeat:
+    (a) score every feature map with :func:`taylor_activation_importance` over
+    ``num_batches`` mini-batches; (b) remove the ``channels_per_step`` lowest scores
+    of all layers together, for real (:func:`prune_group`; a layer keeps at least
+    one channel); (c) fine-tune ``finetune_steps`` optimiser steps with
+    :func:`utils.training.fit` on the model's device.
+
+    Returns:
+        ``(pruned model, history)``: a plain, thinner model in eval mode and one row
+        per removed channel ``{"step", "layer", "channel", "score"}`` (``channel`` is
+        the index in the original model). Deterministic for a ``seed`` and a loader
+        in the same state.
+    """
+    from utils.config import seed_everything
+    from utils.training import fit
+
+    check_module("model", model)
+    check_type("loader", loader, DataLoader)
+    _check_amount(amount)
+    check_int("channels_per_step", channels_per_step, minimum=1)
+    check_int("num_batches", num_batches, minimum=1)
+    check_int("finetune_steps", finetune_steps, minimum=0)
+    check_float("lr", lr, 0.0, min_inclusive=False)
+    check_int("seed", seed, minimum=0)
+    if get_masks(model):
+        raise ValueError("the model carries pruning masks; call make_permanent first")
+    seed_everything(seed)
+    pruned = copy.deepcopy(model)
+    device = _device_of(pruned)
+    origin = {g.name: list(range(g.channels)) for g in channel_groups(pruned)}
+    goal = round(amount * sum(len(v) for v in origin.values()))
+    history: list[dict[str, float | int | str]] = []
+    step = 0
+    while len(history) < goal:
+        step += 1
+        groups = channel_groups(pruned)
+        scores = taylor_activation_importance(
+            pruned, groups, loader, num_batches=num_batches, loss_fn=loss_fn
+        )
+        ranked = sorted(
+            (float(s[c]), gi, c)
+            for gi, (g, s) in enumerate(zip(groups, scores, strict=True))
+            for c in range(g.channels)
+        )
+        drop: dict[int, list[int]] = {}
+        for score, gi, c in ranked:
+            if len(history) == goal or sum(len(v) for v in drop.values()) == channels_per_step:
+                break
+            if len(drop.get(gi, [])) + 1 >= groups[gi].channels:
+                continue  # keep at least one channel per layer
+            drop.setdefault(gi, []).append(c)
+            name = groups[gi].name
+            history.append(
+                {"step": step, "layer": name, "channel": origin[name][c], "score": score}
+            )
+        if not drop:
+            raise ValueError(f"amount={amount} would leave a layer with no channel")
+        for gi, cs in drop.items():
+            g = groups[gi]
+            keep = [c for c in range(g.channels) if c not in cs]
+            prune_group(g, keep)
+            origin[g.name] = [origin[g.name][c] for c in keep]
+        if finetune_steps:
+            batches = _take_batches(loader, finetune_steps)
+            fit(
+                pruned,
+                batches,
+                epochs=1,
+                lr=lr,
+                compute_loss=loss_fn,
+                device=device,
+                progress=False,
+                desc=f"taylor {step}",
+            )
+    return pruned.eval(), history
 
 
 # ------------------------------------------------------------- fine-tuning, cached
@@ -782,9 +1036,13 @@ def cached_finetune(
     check_type("name", name, str)
     check_type("config", config, dict)
     check_int("epochs", epochs, minimum=0)
+    check_float("lr", lr, 0.0, min_inclusive=False)
     if not callable(build):
         raise TypeError("build must be a callable returning the pruned model")
-    full = {**config, "epochs": epochs, "lr": lr, "pruning_version": 1}
+    if hook_factory is not None and not callable(hook_factory):
+        raise TypeError("hook_factory must be a callable returning an after_step hook")
+    # version 2: N:M masks group along the input channels (nm_mask's hardware layout)
+    full = {**config, "epochs": epochs, "lr": lr, "pruning_version": 2}
 
     def plain() -> nn.Module:
         return make_permanent(build())

@@ -12,6 +12,14 @@ Rounding is half to even and the division is computed as ``r · (1/S)`` in float
 exactly as PyTorch's kernels do, so the results agree bit for bit with
 ``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine``.
 
+Computation in float16/bfloat16 is done in float32 and cast back, as PyTorch's kernels
+would on a float32 copy. A zero point must lie in ``[q_min, q_max]`` (PyTorch rejects it too).
+
+Conventions: Jacob et al. 2018 quantize weights *and* activations to uint8 with a zero
+point each (their eq. 7 has four terms). Symmetric int8 weights (``Z_w = 0``, per output
+channel) with uint8 activations is the later convention of TFLite's int8 spec and of
+PyTorch's x86 backend; :class:`IntegerLinear` follows that later convention.
+
 Every public function checks its arguments and raises ``TypeError``/``ValueError``
 naming the argument. Model-level helpers are built from the small tensor functions.
 """
@@ -32,6 +40,7 @@ from utils.validation import check_choice, check_float, check_int, check_module,
 MIN_BITS, MAX_BITS = 2, 16
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse", "entropy")
 _EPS = torch.finfo(torch.float32).eps
+_SAMPLE_SEED = 20_171_107  # the sample observers' own random stream
 
 
 # --------------------------------------------------------------------------------------
@@ -69,8 +78,11 @@ def calc_qparams(
 
     Affine: ``S = (max − min) / (q_max − q_min)``, ``Z = clamp(q_min − round(min / S))``.
     Symmetric: ``S = max(|min|, |max|) / ((q_max − q_min) / 2)``, ``Z = 0`` (signed) or
-    ``2^(b−1)`` (unsigned), as PyTorch's observers compute them. ``S`` is at least
-    float32 eps so that an all-zero range still gives a valid quantizer.
+    ``2^(b−1)`` (unsigned), as PyTorch's observers compute them. A non-zero range gets
+    ``S`` at least float32 eps, as in PyTorch. A zero range (only zeros seen, e.g. a
+    pruned output channel) gets ``S = 1``: every scale represents 0 exactly, and unlike
+    PyTorch's eps it keeps quantities divided by ``S`` — such as the int32 bias
+    ``b / (S_x · S_w)`` of :class:`IntegerLinear` — representable.
     Tensors give per-channel parameters (one per element).
 
     Returns:
@@ -87,20 +99,29 @@ def calc_qparams(
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    empty = hi == lo  # only zeros: any scale is exact, 1 keeps b / S representable
     if symmetric:
         amax = torch.maximum(-lo, hi)
         scale = torch.clamp(amax / ((qmax - qmin) / 2), min=_EPS)
+        scale = torch.where(empty, torch.ones_like(scale), scale)
         zp = torch.full_like(scale, 0 if signed else (qmin + qmax + 1) // 2, dtype=torch.int64)
         return scale, zp
     scale = torch.clamp((hi - lo) / float(qmax - qmin), min=_EPS)
+    scale = torch.where(empty, torch.ones_like(scale), scale)
     zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int64)
     return scale, zp
 
 
 def _check_params(
-    x: Tensor, scale: Tensor | float, zero_point: Tensor | int, axis: int | None
+    x: Tensor,
+    scale: Tensor | float,
+    zero_point: Tensor | int,
+    axis: int | None,
+    qmin: int | None = None,
+    qmax: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Validate qparams against ``x`` and reshape them to broadcast along ``axis``."""
+    """Validate qparams against ``x`` (and ``Z`` against ``[qmin, qmax]`` when given)
+    and reshape them to broadcast along ``axis``."""
     s = _as_tensor("scale", scale)
     if (s <= 0).any():
         raise ValueError("scale must be > 0")
@@ -113,6 +134,11 @@ def _check_params(
         if not torch.equal(z, z.round()):
             raise ValueError("zero_point must hold integers")
     z = z.to(torch.int64)
+    if qmin is not None and qmax is not None and ((z < qmin) | (z > qmax)).any():
+        raise ValueError(
+            f"zero_point must lie in [q_min, q_max] = [{qmin}, {qmax}], "
+            f"got values in [{int(z.min())}, {int(z.max())}]"
+        )
     if axis is None:
         if s.numel() != 1 or z.numel() != 1:
             raise ValueError(
@@ -144,25 +170,44 @@ def quantize(
 
     ``axis`` selects per-channel parameters: ``scale``/``zero_point`` are 1-D with
     ``x.shape[axis]`` entries. The division is ``x · (1/S)`` in float32, as in PyTorch.
+    ``Z`` must lie in ``[q_min, q_max]``.
     """
     check_tensor("x", x, finite=True)
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     qmin, qmax = qrange(bits, signed)
-    s, z = _check_params(x, scale, zero_point, axis)
+    s, z = _check_params(x, scale, zero_point, axis, qmin, qmax)
     inv = 1.0 / s
     q = torch.round(x.float() * inv) + z
     return q.clamp(qmin, qmax).to(torch.int32)
 
 
 def dequantize(
-    q: Tensor, scale: Tensor | float, zero_point: Tensor | int, axis: int | None = None
+    q: Tensor,
+    scale: Tensor | float,
+    zero_point: Tensor | int,
+    axis: int | None = None,
+    *,
+    bits: int | None = None,
+    signed: bool = True,
 ) -> Tensor:
-    """``r = S · (q − Z)`` as a float32 tensor (per channel along ``axis`` when given)."""
-    check_tensor("q", q)
+    """``r = S · (q − Z)`` as a float32 tensor (per channel along ``axis`` when given).
+
+    With ``bits`` (and ``signed``) given, ``q`` and ``Z`` must lie in ``[q_min, q_max]``;
+    without, ``Z`` must lie in the widest supported range ``[−2^15, 2^16 − 1]``.
+    """
+    check_tensor("q", q, finite=True)
     if q.is_floating_point() and not torch.equal(q, q.round()):
         raise ValueError("q must hold integers")
-    s, z = _check_params(q, scale, zero_point, axis)
+    if bits is None:
+        if not isinstance(signed, bool):
+            raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
+        qmin, qmax = qrange(MAX_BITS, True)[0], qrange(MAX_BITS, False)[1]
+    else:
+        qmin, qmax = qrange(bits, signed)
+        if q.numel() and (q.min() < qmin or q.max() > qmax):
+            raise ValueError(f"q must lie in [q_min, q_max] = [{qmin}, {qmax}] for {bits} bits")
+    s, z = _check_params(q, scale, zero_point, axis, qmin, qmax)
     return (q.to(torch.int64) - z).float() * s
 
 
@@ -193,14 +238,17 @@ def fake_quantize(
 
     The gradient w.r.t. ``x`` is 1 where ``round(x/S) + Z`` falls inside the integer
     range and 0 where it is clipped (Bengio et al. 2013; Jacob et al. 2018), the
-    same as ``torch.fake_quantize_per_tensor_affine``. Use it for QAT.
+    same as ``torch.fake_quantize_per_tensor_affine``. Use it for QAT. The arithmetic
+    is float32 whatever the dtype of ``x`` (float16/bfloat16 would round ``x · (1/S)``
+    differently); the result has the dtype of ``x``.
     """
     check_tensor("x", x, finite=True)
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     qmin, qmax = qrange(bits, signed)
-    s, z = _check_params(x, scale, zero_point, axis)
-    return _FakeQuantSTE.apply(x, s.to(x.device), z.to(x.device).to(x.dtype), qmin, qmax)
+    s, z = _check_params(x, scale, zero_point, axis, qmin, qmax)
+    s, z = s.to(x.device), z.to(x.device).float()
+    return _FakeQuantSTE.apply(x.float(), s, z, qmin, qmax).to(x.dtype)
 
 
 def quantization_error(x: Tensor, x_hat: Tensor) -> float:
@@ -211,6 +259,8 @@ def quantization_error(x: Tensor, x_hat: Tensor) -> float:
         raise ValueError(
             f"x and x_hat must have the same shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}"
         )
+    if x.numel() == 0:
+        raise ValueError("x must be non-empty")
     return float((x - x_hat).float().norm() / x.float().norm().clamp_min(1e-12))
 
 
@@ -243,6 +293,7 @@ class Observer:
         if axis is not None:
             check_int("axis", axis)
         self.bits, self.signed, self.symmetric, self.axis = bits, signed, symmetric, axis
+        self._channels: int | None = None
 
     def __call__(self, x: Tensor) -> Tensor:
         """Observe ``x`` and return it unchanged (so an observer can sit in a forward pass)."""
@@ -264,8 +315,19 @@ class Observer:
         return scale, zp
 
     def _check(self, x: Tensor) -> Tensor:
+        """``x`` as (channels, values) after checking it is a finite, non-empty tensor whose
+        channel count matches what the observer saw before."""
         check_tensor("x", x, finite=True)
-        return _channel_view(x, self.axis)
+        if x.numel() == 0:
+            raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+        v = _channel_view(x, self.axis)
+        if self._channels is not None and v.shape[0] != self._channels:
+            raise ValueError(
+                f"x has {v.shape[0]} channels along axis {self.axis}, "
+                f"but the observer saw {self._channels} before"
+            )
+        self._channels = v.shape[0]
+        return v
 
 
 class MinMaxObserver(Observer):
@@ -312,21 +374,33 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
 
 class _SampleObserver(Observer):
-    """Keeps (a random subsample of) the observed values per channel for range searches."""
+    """Keeps a uniform random sample of at most ``max_samples`` positions of the whole stream.
+
+    Each observed position gets a random key ``u ~ U(0, 1)``; the observer keeps the
+    positions with the ``max_samples`` smallest keys seen so far. That is a uniform
+    sample without replacement of everything observed, however many batches came and
+    in whatever order (bottom-k sampling, equivalent to reservoir sampling, Vitter 1985).
+    Per channel, all channels of one position are kept together.
+    """
 
     def __init__(self, *args, max_samples: int = 200_000, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         check_int("max_samples", max_samples, minimum=100)
         self.max_samples = max_samples
         self.samples: Tensor | None = None
-        self._gen = torch.Generator().manual_seed(0)
+        self._keys: Tensor | None = None
+        # a seed of its own: keys must not correlate with data drawn from a seed-0 stream
+        self._gen = torch.Generator().manual_seed(_SAMPLE_SEED)
 
     def update(self, x: Tensor) -> None:
         v = self._check(x)
-        self.samples = v if self.samples is None else torch.cat([self.samples, v], dim=1)
-        if self.samples.shape[1] > self.max_samples:
-            keep = torch.randperm(self.samples.shape[1], generator=self._gen)[: self.max_samples]
-            self.samples = self.samples[:, keep]
+        keys = torch.rand(v.shape[1], generator=self._gen)
+        if self.samples is not None and self._keys is not None:
+            v, keys = torch.cat([self.samples, v], dim=1), torch.cat([self._keys, keys])
+        if v.shape[1] > self.max_samples:
+            keep = torch.topk(keys, self.max_samples, largest=False).indices
+            v, keys = v[:, keep], keys[keep]
+        self.samples, self._keys = v, keys
 
     def _data(self) -> Tensor:
         if self.samples is None:
@@ -377,47 +451,65 @@ class MSEObserver(_SampleObserver):
         return best_lo, best_hi
 
 
-def kl_threshold(values: Tensor, bits: int = 8, bins: int = 2048, stride: int = 16) -> float:
+def _smooth(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """Move ``eps`` of mass onto every empty bin, taken evenly from the non-empty ones
+    (MXNet's ``_smooth_distribution``), so that ``KL`` stays finite; ``None`` if impossible."""
+    zero = p == 0
+    n_zero, n_nonzero = int(zero.sum()), int((~zero).sum())
+    if n_nonzero == 0:
+        return None
+    out = p + np.where(zero, eps, -eps * n_zero / n_nonzero)
+    return out if (out > 0).all() else None
+
+
+def _kl_candidate(hist: np.ndarray, i: int, levels: int) -> float:
+    """``KL(P ‖ Q)`` for the threshold at bin ``i`` (TensorRT / MXNet reference algorithm)."""
+    p = hist[:i].astype(np.float64)
+    p[-1] += hist[i:].sum()  # outliers folded into the last kept bin
+    nonzero = p != 0  # after folding, as TensorRT and MXNet do
+    width = i // levels  # bins merged per level; the remainder goes to the last level
+    merged = hist[: levels * width].reshape(levels, width).sum(axis=1).astype(np.float64)
+    merged[-1] += hist[levels * width : i].sum()
+    group = np.minimum(np.arange(i) // width, levels - 1)
+    norm = np.bincount(group, weights=nonzero, minlength=levels)
+    q = np.where(nonzero, merged[group] / np.maximum(norm[group], 1), 0.0)
+    ps, qs = _smooth(p), _smooth(q)
+    if ps is None or qs is None:
+        return math.inf
+    ps, qs = ps / ps.sum(), qs / qs.sum()
+    return float(np.sum(ps * np.log(ps / qs)))
+
+
+def kl_threshold(values: Tensor, bits: int = 8, bins: int = 2048, stride: int = 1) -> float:
     """Clipping threshold ``T`` for ``|x|`` minimising ``KL(P ‖ Q)`` (TensorRT calibration).
 
-    ``P`` is the histogram of ``|x|`` on ``bins`` bins clipped at ``T`` (outliers added
-    to the last bin), ``Q`` the same histogram merged into ``2^(b−1)`` levels and
-    expanded back over the non-empty bins (Migacz, "8-bit inference with TensorRT",
-    GTC 2017). Thresholds are tried every ``stride`` bins.
+    For each candidate ``i`` (``2^(b−1) ≤ i ≤ bins``): ``P`` is the histogram of ``|x|``
+    (``bins`` bins over ``[0, max|x|]``) cut after bin ``i`` with the outliers added to
+    its last bin; ``Q`` merges the first ``i`` bins of the histogram into ``2^(b−1)``
+    levels and spreads each level's count evenly over the bins that are non-empty in
+    ``P``. Both are smoothed (``ε = 10⁻⁴``) and ``T`` is the upper edge of bin ``i``
+    with the smallest ``KL(P ‖ Q)`` (Migacz, "8-bit inference with TensorRT", GTC 2017;
+    MXNet's ``_get_optimal_threshold``). ``stride > 1`` tries every ``stride``-th
+    candidate only (and always the full range), trading accuracy for speed.
     """
     check_tensor("values", values, finite=True)
     check_int("bits", bits, MIN_BITS, MAX_BITS)
     check_int("bins", bins, minimum=16)
     check_int("stride", stride, minimum=1)
-    a = values.detach().abs().flatten().double().numpy()
-    amax = float(a.max()) if a.size else 0.0
-    if amax == 0.0:
-        return 0.0
-    hist, edges = np.histogram(a, bins=bins, range=(0.0, amax))
+    if values.numel() == 0:
+        raise ValueError("values must be non-empty")
+    a = values.detach().abs().flatten().double().cpu().numpy()
+    amax = float(a.max())
     levels = 2 ** (bits - 1)
-    if levels >= bins:
-        return amax
-    best_kl, best_i = math.inf, bins
-    for i in range(levels, bins + 1, stride):
-        p = hist[:i].astype(np.float64).copy()
-        p[-1] += hist[i:].sum()
-        nonzero = hist[:i] > 0
-        q = np.zeros(i)
-        # merge the i bins into `levels` groups, spread each group's mass over its non-empty bins
-        groups = np.array_split(np.arange(i), levels)
-        for g in groups:
-            n = nonzero[g].sum()
-            if n:
-                q[g] = np.where(nonzero[g], hist[g].sum() / n, 0.0)
-        ps, qs = p.sum(), q.sum()
-        if ps == 0 or qs == 0:
-            continue
-        p, q = p / ps, q / qs
-        m = p > 0
-        kl = float(np.sum(p[m] * np.log(p[m] / np.maximum(q[m], 1e-12))))
-        if kl < best_kl:
-            best_kl, best_i = kl, i
-    return float(edges[best_i]) if best_i < len(edges) else amax
+    if amax == 0.0 or levels >= bins:
+        return amax  # nothing to clip, or too few bins to clip at this bit width
+    hist, edges = np.histogram(a, bins=bins, range=(0.0, amax))
+    candidates = list(range(levels, bins + 1, stride))
+    if candidates[-1] != bins:
+        candidates.append(bins)
+    kls = [_kl_candidate(hist, i, levels) for i in candidates]
+    best = candidates[int(np.argmin(kls))]
+    return float(edges[best])
 
 
 class EntropyObserver(_SampleObserver):
@@ -522,6 +614,9 @@ class FakeQuantLayer(nn.Module):
             qrange(act_bits, False)
         check_choice("observer", observer, OBSERVERS)
         check_choice("mode", mode, ("static", "dynamic"))
+        for name, flag in (("per_channel", per_channel), ("symmetric", symmetric)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         self.layer = layer
         self.weight_bits, self.act_bits = weight_bits, act_bits
         self.per_channel, self.symmetric, self.mode = per_channel, symmetric, mode
@@ -651,8 +746,9 @@ def quantize_multiplier(m: Tensor | float) -> tuple[Tensor, Tensor]:
     """Write a real multiplier ``M > 0`` as ``M ≈ M₀ · 2^(−31−n)`` with int32 ``M₀ ∈ [2^30, 2^31)``.
 
     Jacob et al. 2018, eq. (6): ``M = 2^(−n) · M₀'`` with ``M₀' ∈ [0.5, 1)`` stored as a
-    Q31 fixed-point integer. Returns int64 tensors ``(M₀, n)`` (``n`` may be negative
-    when ``M ≥ 1``), element-wise for per-channel multipliers.
+    Q31 fixed-point integer; ``M₀`` is ``M₀' · 2^31`` rounded to nearest. Returns int64
+    tensors ``(M₀, n)``, element-wise for per-channel multipliers. The paper assumes
+    ``M < 1``; larger ``M`` give ``n < 0``.
     """
     _as_tensor("m", m)  # type and finiteness checks
     t = torch.as_tensor(m, dtype=torch.float64)  # keep full precision: M0 has 31 significant bits
@@ -671,24 +767,57 @@ def requantize(
 ) -> Tensor:
     """``clamp(round(acc · M₀ · 2^(−31−n)) + Z, q_min, q_max)`` in integer arithmetic only.
 
-    ``acc`` is the int32 accumulator; the product is formed in int64 and divided by a
-    power of two with rounding (half up), as gemmlowp's fixed-point requantization.
-    Per-channel ``m0``/``shift`` broadcast along dimension 1.
+    ``acc`` is the int32 accumulator; the product is formed exactly in int64 and
+    divided by ``2^(31+n)`` with one rounding, half away from zero (``2.5 → 3``,
+    ``−2.5 → −3``), the rounding of gemmlowp's ``RoundingDivideByPOT`` and TFLite's
+    ``MultiplyByQuantizedMultiplier``. (gemmlowp rounds twice, first in
+    ``SaturatingRoundingDoublingHighMul``; the single rounding here is the exact one,
+    and the two can differ by one step in rare cases.) Per-channel ``m0``/``shift``
+    (one per ``acc.shape[1]``) broadcast along dimension 1.
     """
     check_tensor("acc", acc)
     if acc.is_floating_point():
         raise TypeError(f"acc must be an integer tensor, got {acc.dtype}")
-    shape = [1, -1] + [1] * (acc.dim() - 2) if m0.numel() > 1 else [1] * acc.dim()
-    m0, total = m0.reshape(shape), (31 + shift).reshape(shape)
+    for name, t in (("m0", m0), ("shift", shift)):
+        check_tensor(name, t)
+        if t.is_floating_point():
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if m0.shape != shift.shape:
+        raise ValueError(
+            f"m0 and shift must have the same shape, got {tuple(m0.shape)} and {tuple(shift.shape)}"
+        )
+    if ((m0 < 0) | (m0 >= 2**31)).any():
+        raise ValueError(
+            "m0 must lie in [0, 2^31) (a Q31 fixed-point value from quantize_multiplier)"
+        )
+    check_int("zero_point", zero_point)
+    check_int("qmin", qmin)
+    check_int("qmax", qmax, minimum=qmin)
+    if m0.numel() > 1:
+        if acc.dim() < 2 or acc.shape[1] != m0.numel():
+            raise ValueError(
+                f"per-channel m0 has {m0.numel()} values but acc.shape[1] is "
+                f"{acc.shape[1] if acc.dim() >= 2 else 'missing'}"
+            )
+        shape = [1, -1] + [1] * (acc.dim() - 2)
+    else:
+        shape = [1] * acc.dim()
+    m0, total = m0.to(torch.int64).reshape(shape), (31 + shift.to(torch.int64)).reshape(shape)
     if (total < 1).any() or (total > 62).any():
         raise ValueError("multiplier out of the supported range (2^-62, 2^30)")
     prod = acc.to(torch.int64) * m0
-    rounded = (prod + (torch.ones_like(total) << (total - 1))) >> total
+    half = torch.ones_like(total) << (total - 1)
+    magnitude = (prod.abs() + half) >> total  # half away from zero
+    rounded = torch.where(prod < 0, -magnitude, magnitude)
     return (rounded + zero_point).clamp(qmin, qmax).to(torch.int32)
 
 
+_BIAS_LIMIT = 2**30  # |q_b| bound: leaves 2^30 of int32 headroom for the accumulated products
+
+
 class IntegerLinear(nn.Module):
-    """Integer-only ``Linear``/``Conv2d`` (Jacob et al. 2018, §2.2–2.4).
+    """Integer-only ``Linear``/``Conv2d``: int32 accumulation and fixed-point
+    requantization as in Jacob et al. 2018 (§2.2–2.4).
 
     Input ``q_x`` (uint8 values, zero point ``Z_x``), weight ``q_w`` (int8, symmetric,
     per output channel, ``Z_w = 0``), bias ``q_b = round(b / (S_x S_w))`` in int32::
@@ -696,6 +825,11 @@ class IntegerLinear(nn.Module):
         acc = Σ (q_x − Z_x) · q_w + q_b                (int32 accumulation)
         q_y = clamp(round(acc · M) + Z_y, lo, 255),    M = S_x S_w / S_y   (fixed point)
 
+    The weights follow the later TFLite-int8 / PyTorch-x86 convention (symmetric int8
+    per channel), not the paper's uint8 weights with a zero point ``Z_w`` (its eq. 7
+    has four terms; with ``Z_w = 0`` two of them vanish). An all-zero weight row (a
+    pruned channel) gets ``S_w = 1`` (see :func:`calc_qparams`), and ``S_w`` is raised
+    where needed so that ``|q_b| ≤ 2^30`` (as TFLite's ``AdjustWeightsForBiasScale``).
     ``relu=True`` fuses a ReLU by clamping at ``Z_y`` (``lo = Z_y``).
     """
 
@@ -726,14 +860,17 @@ class IntegerLinear(nn.Module):
                 "stride": layer.stride,
                 "padding": layer.padding,
             }
-        w = layer.weight.detach().float()
+        if not isinstance(relu, bool):
+            raise TypeError(f"relu must be a bool, got {type(relu).__name__}")
+        s_x, z_x = _uint8_qparams("in_qparams", in_qparams)
+        s_y, z_y = _uint8_qparams("out_qparams", out_qparams)
+        w = layer.weight.detach().float().cpu()
         v = _channel_view(w, 0)
         s_w, _ = calc_qparams(v.min(1).values, v.max(1).values, 8, True, symmetric=True)
-        s_x, z_x = (torch.as_tensor(t).reshape(()) for t in in_qparams)
-        s_y, z_y = (torch.as_tensor(t).reshape(()) for t in out_qparams)
+        bias = layer.bias.detach().float().cpu() if layer.bias is not None else torch.zeros(len(v))
+        s_w = torch.maximum(s_w, bias.abs() / (s_x * _BIAS_LIMIT))  # keep q_b within int32
         q_w = quantize(w, s_w, torch.zeros_like(s_w, dtype=torch.int64), 8, True, axis=0)
         self.register_buffer("q_w", q_w.to(torch.int8))  # stored in one byte per weight
-        bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(w.shape[0])
         self.register_buffer("q_b", torch.round(bias / (s_x * s_w)).to(torch.int32))
         m0, n = quantize_multiplier((s_x.double() * s_w.double()) / s_y.double())
         self.register_buffer("m0", m0)
@@ -769,6 +906,20 @@ class IntegerLinear(nn.Module):
         return requantize(self.accumulate(q_x), self.m0, self.shift, self.z_y, self.qmin, self.qmax)
 
 
+def _uint8_qparams(name: str, qparams: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Check a per-tensor uint8 ``(scale, zero_point)`` pair; return them as scalars."""
+    if not isinstance(qparams, (tuple, list)) or len(qparams) != 2:
+        raise TypeError(f"{name} must be a (scale, zero_point) pair")
+    s, z = _as_tensor(f"{name} scale", qparams[0]), torch.as_tensor(qparams[1])
+    if s.numel() != 1 or z.numel() != 1:
+        raise ValueError(f"{name} must hold one scale and one zero point (per tensor)")
+    if float(s) <= 0:
+        raise ValueError(f"{name} scale must be > 0, got {float(s)}")
+    if z.is_floating_point() or not 0 <= int(z) <= 255:
+        raise ValueError(f"{name} zero point must be an integer in [0, 255], got {z.item()}")
+    return s.reshape(()), z.reshape(()).to(torch.int64)
+
+
 class IntegerModel(nn.Module):
     """A chain of integer-only layers: quantize the input once, run integers, dequantize the logits."""
 
@@ -793,7 +944,8 @@ class IntegerModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q = quantize(x, self.in_scale, self.in_zero_point, 8, False)
-        return dequantize(self.forward_int(q), self.out_scale, self.out_zero_point)
+        q_y = self.forward_int(q)
+        return dequantize(q_y, self.out_scale, self.out_zero_point, bits=8, signed=False)
 
 
 class _IntReLU(nn.Module):
@@ -887,13 +1039,24 @@ def convert_integer_only(model: nn.Module, batches: Iterable, num_batches: int =
 # --------------------------------------------------------------------------------------
 
 
-def kmeans_quantize(w: Tensor, bits: int = 4, iters: int = 30) -> tuple[Tensor, Tensor]:
+def _nearest(flat: Tensor, centroids: Tensor) -> Tensor:
+    """Index of the nearest of the sorted ``centroids`` for each value (1-D assignment)."""
+    return torch.bucketize(flat, (centroids[1:] + centroids[:-1]) / 2)
+
+
+def kmeans_quantize(
+    w: Tensor, bits: int = 4, iters: int = 300, tol: float = 1e-4
+) -> tuple[Tensor, Tensor]:
     """Non-uniform quantization by 1-D k-means (Han, Mao & Dally, ICLR 2016, §3).
 
     ``k = 2^bits`` centroids start linearly spaced over ``[min w, max w]`` (the paper's
     best initialisation) and follow Lloyd's iterations: assign each weight to the
-    nearest centroid, move each centroid to the mean of its weights. Empty clusters
-    are dropped, so the codebook has at most ``2^bits`` values.
+    nearest centroid, move each centroid to the mean of its weights,
+    ``c_j ← mean{w : nearest(w) = j}``. A cluster left empty is re-seeded with the
+    weight farthest from its centroid (as scikit-learn's ``KMeans`` does). Iterations
+    stop when the centroids move less than ``Σ Δc² ≤ tol · Var(w)`` (scikit-learn's
+    criterion) or after ``iters`` steps. Centroids still unused at the end (fewer
+    distinct weights than ``k``) are dropped, so the codebook has at most ``2^bits`` values.
 
     Returns:
         ``(codebook, indices)``: float32 ``(k',)`` and int64 of ``w``'s shape, with
@@ -904,18 +1067,29 @@ def kmeans_quantize(w: Tensor, bits: int = 4, iters: int = 30) -> tuple[Tensor, 
         raise ValueError("w must be a non-empty floating-point tensor")
     check_int("bits", bits, 1, MAX_BITS)
     check_int("iters", iters, minimum=1)
-    flat = w.detach().flatten().float()
+    check_float("tol", tol, 0.0)
+    flat = w.detach().flatten().float().cpu()
     k = min(2**bits, flat.numel())
     centroids = torch.linspace(float(flat.min()), float(flat.max()), k)
+    threshold = tol * float(flat.double().var(unbiased=False))
     for _ in range(iters):
-        idx = torch.bucketize(flat, (centroids[1:] + centroids[:-1]) / 2)
-        sums = torch.zeros(k).index_add_(0, idx, flat)
-        counts = torch.bincount(idx, minlength=k).float()
-        new = torch.where(counts > 0, sums / counts.clamp_min(1), centroids).sort().values
-        if torch.equal(new, centroids):
-            break
+        idx = _nearest(flat, centroids)
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, flat.double())
+        counts = torch.bincount(idx, minlength=k).double()
+        empty = torch.nonzero(counts == 0).flatten()
+        if len(empty):  # move the farthest weights into the empty clusters
+            far = torch.topk((flat - centroids[idx]).abs(), len(empty)).indices
+            for j, i in zip(empty.tolist(), far.tolist(), strict=True):
+                sums[idx[i]] -= flat[i].double()
+                counts[idx[i]] -= 1
+                sums[j], counts[j] = flat[i].double(), 1.0
+        new = torch.where(counts > 0, sums / counts.clamp_min(1), centroids.double()).float()
+        new = new.sort().values
+        shift = float((new - centroids).double().pow(2).sum())
         centroids = new
-    idx = torch.bucketize(flat, (centroids[1:] + centroids[:-1]) / 2)
+        if shift <= threshold:
+            break
+    idx = _nearest(flat, centroids)
     used = torch.unique(idx)
     remap = torch.full((k,), -1, dtype=torch.int64)
     remap[used] = torch.arange(len(used))

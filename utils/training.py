@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from utils.config import get_device
-from utils.validation import check_float, check_int, check_module, check_type
+from utils.validation import check_choice, check_float, check_int, check_module, check_type
 
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+OPTIMIZERS = ("adam", "sgd")
 
 
 def cross_entropy_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -27,9 +28,17 @@ def cross_entropy_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(model(x), y)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+def device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); the CPU for a model with neither."""
+    check_module("model", model)
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _check_callable(name: str, value: object) -> None:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable or None, got {type(value).__name__}")
 
 
 def fit(
@@ -58,24 +67,37 @@ def fit(
         after_step: called with the model after every optimiser step (e.g. to
             re-apply pruning masks or clamp values).
         val_loader: when given, validation accuracy is recorded after each epoch.
-        params: parameters to optimise (default: all of ``model``'s).
-        device: where to train (default: CUDA if present, else CPU).
+        params: parameters to optimise (default: all of ``model``'s that require grad).
+        device: where to train (default: CUDA if present, else CPU). Each batch is
+            moved there; afterwards the model goes back to the device it came on,
+            so code that feeds it CPU tensors keeps working after training on CUDA.
         progress: show a tqdm progress bar.
 
     Returns:
-        ``[{"epoch", "train_loss", "train_acc"?, "val_acc"?}, ...]``.
+        ``[{"epoch", "train_loss", "val_acc"?}, ...]``; ``train_loss`` is the mean
+        loss per example (batches weighted by their size). The model is left in eval mode.
     """
     check_module("model", model)
     check_type("train_loader", train_loader, DataLoader)
     check_int("epochs", epochs, minimum=0)
     check_float("lr", lr, 0.0, min_inclusive=False)
     check_float("weight_decay", weight_decay, 0.0)
-    if optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    device = device or get_device()
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    _check_callable("compute_loss", compute_loss)
+    _check_callable("after_step", after_step)
+    if val_loader is not None:
+        check_type("val_loader", val_loader, DataLoader)
+    if params is not None:
+        check_type("params", params, (list, tuple))
+        if not params or not all(isinstance(p, torch.Tensor) for p in params):
+            raise ValueError("params must be a non-empty list of tensors (nn.Parameter)")
+    device = torch.device(device) if device is not None else get_device()
+    home = device_of(model)
     model.to(device)
     loss_fn = compute_loss or cross_entropy_loss
     trainable = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("model has no parameter that requires grad: nothing to train")
     if optimizer == "adam":
         opt: torch.optim.Optimizer = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
     else:
@@ -92,6 +114,8 @@ def fit(
         for x, y in bar:
             x, y = x.to(device), y.to(device)
             loss = loss_fn(model, x, y)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError("compute_loss must return a scalar tensor (0-dim), e.g. a mean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -104,7 +128,7 @@ def fit(
         if val_loader is not None:
             row["val_acc"] = evaluate(model, val_loader, device=device)["accuracy"]
         history.append(row)
-    model.eval()
+    model.eval().to(home)
     return history
 
 
@@ -115,21 +139,25 @@ def predict_logits(
     """Return ``(logits, labels)`` of the whole loader, on the CPU, with the model in eval mode."""
     check_module("model", model)
     check_type("loader", loader, DataLoader)
-    device = device or _device_of(model)
+    device = torch.device(device) if device is not None else device_of(model)
     was_training = model.training
     model.eval()
     logits, labels = [], []
-    for x, y in loader:
-        logits.append(model(x.to(device)).float().cpu())
-        labels.append(y)
-    model.train(was_training)
+    try:
+        for x, y in loader:
+            logits.append(model(x.to(device)).float().cpu())
+            labels.append(y.cpu())
+    finally:
+        model.train(was_training)
+    if not logits:
+        raise ValueError("loader yields no batches: nothing to predict")
     return torch.cat(logits), torch.cat(labels)
 
 
 def evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device | None = None
 ) -> dict[str, float]:
-    """Accuracy (in %) and mean cross-entropy of ``model`` on ``loader``."""
+    """Accuracy (in %), mean cross-entropy and error count of ``model`` on ``loader`` (in eval mode; the mode is restored)."""
     logits, labels = predict_logits(model, loader, device)
     return {
         "accuracy": 100.0 * (logits.argmax(1) == labels).float().mean().item(),

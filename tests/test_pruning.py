@@ -272,6 +272,19 @@ def test_gradual_pruning_reaches_final_sparsity_during_fit():
     assert weight_sparsity(model) == pytest.approx(0.8, abs=1e-6)
 
 
+def test_gradual_pruning_updates_every_k_steps_and_at_the_last_step():
+    model = nn.Sequential(nn.Linear(10, 10, bias=False))
+    hook = GradualPruning(0.8, total_steps=5, every=2, scope="layer")
+    for _ in range(8):
+        hook(model)
+    # steps 2 and 4 (multiples of every), 5 (the last step); 6 and 8 change nothing
+    assert [s for s, _ in hook.history] == [2, 4, 5]
+    assert [t for _, t in hook.history] == pytest.approx(
+        [0.8 - 0.8 * (1 - 2 / 5) ** 3, 0.8 - 0.8 * (1 - 4 / 5) ** 3, 0.8]
+    )
+    assert int((model[0].weight == 0).sum()) == 80
+
+
 def test_sensitivity_scan_on_a_masked_model_prunes_the_effective_weights():
     torch.manual_seed(0)
     model = build_model("lenet300")
@@ -555,7 +568,9 @@ def test_bad_keep_indices_and_arguments_are_named():
     with pytest.raises(TypeError, match="keep"):
         prune_conv_out(conv, "01")
     assert conv.out_channels == 3 and conv.weight.shape[0] == 3  # untouched by the failures
-    prune_conv_out(conv, np.array([2, 0]).tolist())
+    with pytest.raises(TypeError, match="integer channel indices"):
+        prune_conv_out(conv, np.array([0.0, 2.0]))
+    prune_conv_out(conv, np.array([2, 0]))
     assert conv.out_channels == 2
     with pytest.raises(ValueError, match="final"):
         GradualPruning(final=1.0, total_steps=10)

@@ -1081,3 +1081,30 @@ def test_fake_quant_layer_weights_and_static_activations_exactly():
             fake_quantize(x, s_d, z_d, 8, False), dyn[0].quantized_weight(), layer.bias
         )
         assert torch.equal(dyn(x), want)
+
+
+def test_kmeans_run_to_convergence_equals_sklearn():
+    # tol = 0: iterate until the assignment is stable; this start needs ~100 Lloyd steps
+    from sklearn.cluster import KMeans
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.sign(torch.randn(4000, generator=g)) * -torch.log(torch.rand(4000, generator=g))
+    init = torch.linspace(float(w.min()), float(w.max()), 32).double().numpy()
+    km = KMeans(32, init=init.reshape(-1, 1), n_init=1, max_iter=1000, tol=0.0)
+    km.fit(w.double().numpy().reshape(-1, 1))
+    assert km.n_iter_ > 30
+    cb, idx = kmeans_quantize(w, 5, iters=1000, tol=0.0)
+    ours = float(((cb[idx] - w).double() ** 2).mean())
+    assert ours == pytest.approx(km.inertia_ / len(w), rel=1e-6)
+    theirs = torch.from_numpy(km.cluster_centers_.flatten()).sort().values.float()
+    assert torch.allclose(cb, theirs, atol=1e-5)
+
+
+def test_entropy_observer_keeps_zero_as_the_lower_bound_of_non_negative_data():
+    x = torch.randn(20_000, generator=torch.Generator().manual_seed(7)).abs()
+    obs = EntropyObserver(8, signed=False)
+    obs.update(x)
+    lo, hi = obs.range()
+    assert float(lo) == 0.0 and float(hi) == pytest.approx(kl_threshold(x, 8))
+    obs.update(-x[:10])  # one negative value makes the range symmetric
+    assert float(obs.range()[0]) == -float(obs.range()[1])

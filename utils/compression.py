@@ -15,7 +15,7 @@ Trained Quantization and Huffman Coding", ICLR 2016, chain three stages:
    differences) of the non-zeros.
 
 This module implements each stage on tensors, a binary file format whose size is
-the reported size (:func:`save_compressed` / :func:`load_compressed`, lossless and
+the reported size (:func:`save_compressed` / :func:`load_compressed`, lossless in value and
 checksummed), truncated-SVD low-rank factorisation (Denton et al. 2014) as a further
 stage, and the pipelines that chain the stages with the course's pruning,
 quantization and distillation code.

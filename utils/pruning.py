@@ -581,6 +581,9 @@ def _check_keep(keep: Tensor | Sequence[int], channels: int, device: torch.devic
     if isinstance(keep, Tensor):
         if keep.dtype == torch.bool or keep.is_floating_point() or keep.is_complex():
             raise TypeError(f"keep must hold integer channel indices, got a {keep.dtype} tensor")
+    elif isinstance(keep, np.ndarray):
+        if not np.issubdtype(keep.dtype, np.integer):
+            raise TypeError(f"keep must hold integer channel indices, got a {keep.dtype} array")
     else:
         check_type("keep", keep, (list, tuple, range))
         for k in keep:

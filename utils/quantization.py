@@ -1045,7 +1045,7 @@ def _nearest(flat: Tensor, centroids: Tensor) -> Tensor:
 
 
 def kmeans_quantize(
-    w: Tensor, bits: int = 4, iters: int = 300, tol: float = 1e-4
+    w: Tensor, bits: int = 4, iters: int = 300, tol: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Non-uniform quantization by 1-D k-means (Han, Mao & Dally, ICLR 2016, §3).
 
@@ -1054,8 +1054,8 @@ def kmeans_quantize(
     nearest centroid, move each centroid to the mean of its weights,
     ``c_j ← mean{w : nearest(w) = j}``. A cluster left empty is re-seeded with the
     weight farthest from its centroid (as scikit-learn's ``KMeans`` does). Iterations
-    stop when the centroids move less than ``Σ Δc² ≤ tol · Var(w)`` (scikit-learn's
-    criterion) or after ``iters`` steps. Centroids still unused at the end (fewer
+    stop when the centroids move by ``Σ Δc² ≤ tol · Var(w)`` (scikit-learn's criterion;
+    the default ``tol = 0`` runs Lloyd to its fixed point) or after ``iters`` steps. Centroids still unused at the end (fewer
     distinct weights than ``k``) are dropped, so the codebook has at most ``2^bits`` values.
 
     Returns:

@@ -2,7 +2,18 @@
 
 from mutate import Mutant
 
-TESTS = ["tests/test_foundation.py"]
+# the tests of test_foundation.py that guard this module, fastest first (pytest -x stops early)
+TESTS = [
+    f"tests/test_foundation.py::{name}"
+    for name in (
+        "test_config_key_is_stable_and_sensitive",
+        "test_baseline_config_keys_every_field",
+        "test_cached_generator_keys_every_argument",
+        "test_cached_state_trains_once_and_retrains_corrupt_files",
+        "test_load_baseline_trains_like_fit_with_its_config",
+        "test_load_baseline_is_cached",
+    )
+]
 F = "utils/cache.py"
 D = "utils/distillation.py"
 MUTANTS = [

@@ -2,7 +2,20 @@
 
 from mutate import Mutant
 
-TESTS = ["tests/test_foundation.py"]
+# the tests of test_foundation.py that guard this module, fastest first (pytest -x stops early)
+TESTS = [
+    f"tests/test_foundation.py::{name}"
+    for name in (
+        "test_make_loader_order_is_fixed_by_the_seed",
+        "test_make_loader_bad_input",
+        "test_load_splits_bad_input",
+        "test_digits_split_depends_on_the_seed_only",
+        "test_digits_and_train_fraction",
+        "test_loaders_are_reproducible",
+        "test_splits_partition_the_data_set_by_class",
+        "test_mnist5k_splits_are_stratified_seeded_and_disjoint",
+    )
+]
 F = "utils/data.py"
 MUTANTS = [
     Mutant(

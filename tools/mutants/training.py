@@ -2,7 +2,20 @@
 
 from mutate import Mutant
 
-TESTS = ["tests/test_foundation.py"]
+# the tests of test_foundation.py that guard this module, fastest first (pytest -x stops early)
+TESTS = [
+    f"tests/test_foundation.py::{name}"
+    for name in (
+        "test_fit_sgd_is_momentum_sgd_under_a_cosine_schedule",
+        "test_fit_adam_first_step_moves_each_weight_by_lr",
+        "test_fit_trains_only_params_and_uses_the_default_cross_entropy",
+        "test_evaluate_hand_values_and_restores_the_mode",
+        "test_fit_leaves_the_model_on_its_device_in_eval_mode",
+        "test_fit_bad_input",
+        "test_fit_records_validation_accuracy_and_hooks",
+        "test_fit_learns_and_is_deterministic",
+    )
+]
 F = "utils/training.py"
 MUTANTS = [
     Mutant("no LR schedule", F, "            sched.step()\n", ""),

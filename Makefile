@@ -3,6 +3,7 @@
 #   make book              build the students' site: lessons and labs, no solutions
 #   make book-instructor   build the instructors' site: lessons, labs and reference solutions
 #   make test              set up and run the whole test suite (what CI runs)
+#   make mutate            mutation-test the utils unit tests (on demand, not CI; MODULES="quantization …")
 # Options:
 #   LAB_ARGS="--no-browser --port 8889 --ip 0.0.0.0 --allow-root"   passed to `jupyter lab`
 #   COURSE_PROFILE=full    the slower, more faithful profile (own cache and build folder)
@@ -22,7 +23,7 @@ export PYTHONHASHSEED := 0
 export COURSE_PROFILE ?= fast
 
 .PHONY: venv lab book book-instructor book-ci site-test browser test lint unit notebooks labs \
-	strip clean
+	strip clean mutate
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import os, sys; v = "%d.%d" % sys.version_info[:2]; \
@@ -82,6 +83,11 @@ unit: venv
 		--durations=15
 
 test: venv lint unit book-ci site-test
+
+# How many plausible bugs in utils do the unit tests catch? Minutes per module; see tools/mutate.py.
+MODULES ?=
+mutate: venv
+	$(BIN)/python tools/mutate.py $(MODULES)
 
 strip: venv
 	$(BIN)/jupyter nbconvert --clear-output --inplace lessons/*.ipynb solutions/*.ipynb

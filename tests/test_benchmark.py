@@ -737,3 +737,31 @@ def test_production_bad_input():
         production.quantize_static_int8(nn.Linear(2, 2), [])
     with pytest.raises(TypeError, match="model"):
         production.quantize_dynamic_int8(None)
+
+
+def test_latency_of_reads_one_row_of_a_table_and_names_bad_arguments():
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {
+            "latency_b8_ms": [2.0, 0.5],
+            "p10_b8_ms": [1.5, 0.4],
+            "p90_b8_ms": [3.0, 0.7],
+            "noisy_b8": [False, True],
+            "threads": [1, 1],
+        },
+        index=["fp32", "int8"],
+    )
+    lat = benchmark.latency_of(table, "int8", 8)
+    assert (lat.median_ms, lat.p10_ms, lat.p90_ms, lat.batch_size, lat.noisy) == (
+        0.5,
+        0.4,
+        0.7,
+        8,
+        True,
+    )
+    assert benchmark.speedup(benchmark.latency_of(table, "fp32", 8), lat) == 4.0
+    with pytest.raises(ValueError, match="name must be a row"):
+        benchmark.latency_of(table, "bf16", 8)
+    with pytest.raises(ValueError, match="batch_size must be one"):
+        benchmark.latency_of(table, "int8", 1)

@@ -642,3 +642,17 @@ def test_show_source_shows_the_code_and_rejects_non_functions(capsys):
         show_source(42)
     with pytest.raises(ValueError, match="max_lines"):
         show_source(show_table, max_lines=0)
+
+
+def test_cached_state_says_what_it_trains_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(config.CACHE_ENV, str(tmp_path))
+    calls = []
+
+    def train(m):
+        calls.append(1)
+
+    cache.cached_state("probe", {"a": 1}, lambda: nn.Linear(2, 2), train)
+    first = capsys.readouterr().out
+    assert "training probe (first run only" in first and "later runs load it" in first
+    cache.cached_state("probe", {"a": 1}, lambda: nn.Linear(2, 2), train)
+    assert capsys.readouterr().out == "" and calls == [1]

@@ -640,6 +640,9 @@ def test_convert_integer_only_on_a_pruned_model():
             lin.bias.uniform_(2.0, 3.0)  # pruned rows still output their bias
     for lin in (model.fc1, model.fc2):
         prune.ln_structured(lin, "weight", amount=0.5, n=1, dim=0)
+    with pytest.raises(ValueError, match=r"fc1.weight_orig.*prune.remove"):
+        convert_integer_only(model, [(torch.rand(2, 1, 28, 28), None)], 1)
+    for lin in (model.fc1, model.fc2):
         prune.remove(lin, "weight")  # make it permanent before deployment
     assert int((model.fc1.weight.abs().sum(1) == 0).sum()) == 150
     x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # pixels in [0, 1]

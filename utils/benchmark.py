@@ -722,6 +722,38 @@ def benchmark_models(
     return df
 
 
+def latency_of(table, name: str, batch_size: int) -> Latency:
+    """Row ``name`` of a :func:`benchmark_models` table at ``batch_size`` as a :class:`Latency`.
+
+    Lessons feed it to :func:`ratio_text` so that a sentence about a table's speed-up
+    uses the same median, spread and noise flag as the table itself.
+    """
+    check_type("name", name, str)
+    check_int("batch_size", batch_size, minimum=1)
+    if name not in table.index:
+        raise ValueError(
+            f"name must be a row of the table, one of {list(table.index)}, got {name!r}"
+        )
+    column = f"latency_b{batch_size}_ms"
+    if column not in table.columns:
+        sizes = [
+            c[len("latency_b") : -len("_ms")] for c in table.columns if c.startswith("latency_b")
+        ]
+        raise ValueError(
+            f"batch_size must be one the table was timed at ({sizes}), got {batch_size}"
+        )
+    row = table.loc[name]
+    return Latency(
+        float(row[column]),
+        float(row[f"p10_b{batch_size}_ms"]),
+        float(row[f"p90_b{batch_size}_ms"]),
+        batch_size,
+        int(row["threads"]),
+        1,
+        noisy=bool(row[f"noisy_b{batch_size}"]),
+    )
+
+
 def benchmark_model(
     model: nn.Module,
     input_shape: Sequence[int],

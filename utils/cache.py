@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,12 @@ def cached_state(
         except Exception:  # corrupt, truncated or from another architecture: retrain
             path.unlink(missing_ok=True)
             model = build()
+    # A first run trains for a while: say what, and that it happens once (issue: silent minutes).
+    print(f"training {name} (first run only; cached as {path.name} in {path.parent})", flush=True)
+    start = time.perf_counter()
     train(model)
     model.eval().cpu()
+    print(f"trained {name} in {time.perf_counter() - start:.0f} s; later runs load it", flush=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     torch.save(model.state_dict(), tmp)
@@ -125,7 +130,7 @@ def load_baseline(
     epochs: int | None = None,
     train_fraction: float = 1.0,
     lr: float = 1e-3,
-    progress: bool = False,
+    progress: bool = True,
     **model_kwargs: Any,
 ) -> nn.Module:
     """A trained course model (in eval mode, on the CPU), trained at most once per configuration.
@@ -137,6 +142,7 @@ def load_baseline(
         epochs: training epochs (default: the active profile's ``epochs``).
         train_fraction: fraction of the training split used.
         lr: Adam learning rate.
+        progress: show a progress bar while training (only on the first run; it closes when done).
         model_kwargs: extra arguments of the model (e.g. ``width_mult=0.5``).
     """
     config = baseline_config(

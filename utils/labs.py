@@ -18,15 +18,23 @@ a prompt for a written answer. Outputs are cleared. Usage::
 
     python -m utils.labs            # (re)write labs/ from solutions/
     python -m utils.labs --check    # exit 1 when labs/ differs from what would be generated
+
+Check cells use :func:`forbid` to prove that an exercise is answered by the student's own
+code and not by a call to the course's reference implementation that the lab imports
+to compare with.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import CodeType, FunctionType, ModuleType
 
 import nbformat
 
@@ -115,6 +123,102 @@ def generate(root: Path = ROOT, check: bool = False) -> list[str]:
                 dst.write_text(student, encoding="utf-8")
     stray = {p.name for p in labs.glob("*.ipynb")} - {p.name for p in sources}
     return changed + sorted(stray)
+
+
+# Original code of the functions that :func:`forbid` has switched off, by ``id`` of the function.
+_ORIGINALS: dict[int, FunctionType] = {}
+# Frames of these packages (decorators, context managers) are skipped when finding the caller.
+_WRAPPER_PACKAGES = ("torch", "functools", "contextlib")
+
+
+def _caller_is_inside(module_globals: dict) -> bool:
+    """True when the caller of the forbidden function is code of the same module.
+
+    The reference may use its own helpers; only calls from elsewhere (the student's
+    notebook) are forbidden. Frames of decorators (``torch.no_grad``, ``functools``)
+    between the two are skipped.
+    """
+    frame = sys._getframe(2)
+    while frame is not None and str(frame.f_globals.get("__name__", "")).startswith(
+        _WRAPPER_PACKAGES
+    ):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals is module_globals
+
+
+def _raiser_code(f: FunctionType) -> CodeType:
+    """Code for ``f`` that runs the original from inside its module and raises elsewhere."""
+    message = (
+        f"your code called the course's reference `{f.__qualname__}`: "
+        "this exercise asks you to write that part yourself"
+    )
+    _ORIGINALS[id(f)] = FunctionType(
+        f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__
+    )
+    _ORIGINALS[id(f)].__kwdefaults__ = f.__kwdefaults__
+    source = (
+        "def _forbidden(*args, **kwargs):\n"
+        "    import sys\n"
+        "    labs = sys.modules['utils.labs']\n"
+        "    if labs._caller_is_inside(globals()):\n"
+        f"        return labs._ORIGINALS[{id(f)}](*args, **kwargs)\n"
+        f"    raise AssertionError({message!r})\n"
+    )
+    namespace: dict = {}
+    exec(source, namespace)
+    return namespace["_forbidden"].__code__
+
+
+def _forbidden_functions(target: object, allow: set[str]) -> list[FunctionType]:
+    """The plain functions that ``target`` (a module, class or function) stands for."""
+    if isinstance(target, ModuleType):
+        found = []
+        for name, obj in vars(target).items():
+            if name in allow or getattr(obj, "__module__", None) != target.__name__:
+                continue
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                found += _forbidden_functions(obj, allow)
+        return found
+    if inspect.isclass(target):
+        return [
+            inspect.unwrap(f)
+            for name, f in vars(target).items()
+            if inspect.isfunction(f) and name not in allow
+        ]
+    if inspect.isfunction(target):
+        return [inspect.unwrap(target)]
+    raise TypeError(f"targets must be modules, classes or functions, got {type(target).__name__}")
+
+
+@contextmanager
+def forbid(*targets: object, allow: tuple[str, ...] = ()) -> Iterator[None]:
+    """Inside the block, every function of ``targets`` raises ``AssertionError``.
+
+    ``targets`` are modules (all functions and methods of classes defined there),
+    classes (their methods) or functions; names in ``allow`` stay usable, and so do
+    calls from inside the module itself (the reference's own helpers). The code
+    object of each function is swapped, so every alias (``ref.quantize``, ``from
+    utils.quantization import quantize``) is caught. A check cell wraps the call of
+    the student's function in it::
+
+        with forbid(ref):
+            ours = my_quantize(x, scale, zero_point)
+    """
+    functions = []
+    for target in targets:
+        functions += _forbidden_functions(target, set(allow))
+    saved = []
+    try:
+        for f in dict.fromkeys(functions):
+            if f.__code__.co_freevars:  # a closure cannot take another code object
+                continue
+            saved.append((f, f.__code__))
+            f.__code__ = _raiser_code(f)
+        yield
+    finally:
+        for f, code in saved:
+            f.__code__ = code
+            _ORIGINALS.pop(id(f), None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -664,10 +664,27 @@ class FakeQuantLayer(nn.Module):
         return F.linear(x, w, self.layer.bias)
 
 
+def _check_no_pruning_masks(model: nn.Module) -> None:
+    """``torch.nn.utils.prune`` keeps ``weight_orig`` and a mask (its ``weight`` is not a leaf,
+    so the model cannot be copied): ask for ``prune.remove`` instead of failing in deepcopy."""
+    masked = sorted(
+        f"{name or 'model'}.{p}"
+        for name, m in model.named_modules()
+        for p, _ in m.named_parameters(recurse=False)
+        if p.endswith("_orig")
+    )
+    if masked:
+        raise ValueError(
+            f"model has pruning re-parametrisations ({', '.join(masked)}): "
+            "call torch.nn.utils.prune.remove(module, name) on them first"
+        )
+
+
 def fold_model_bn(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (eval mode) with every ``Conv2d`` directly followed by a ``BatchNorm2d``
     (consecutive children of one parent) replaced by :func:`fold_bn` and the BN by ``Identity``."""
     check_module("model", model)
+    _check_no_pruning_masks(model)
     model = copy.deepcopy(model).eval()
     for parent in model.modules():
         names = list(parent._modules)
@@ -695,6 +712,7 @@ def prepare_fake_quant(
     studies (after :func:`calibrate`) and for QAT (train it with ``utils.training.fit``).
     """
     check_module("model", model)
+    _check_no_pruning_masks(model)
     model = copy.deepcopy(model)
     kwargs = dict(
         weight_bits=weight_bits,

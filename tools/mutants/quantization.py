@@ -2,7 +2,13 @@
 must catch (issue 18). Each is a real mistake of the kind made when writing a quantizer:
 rounding, integer range, zero-point sign, clamping, observer constants, per-channel axis,
 STE mask boundaries, BN folding, fixed-point requantization, integer bias, KL calibration,
-k-means, and argument checks removed."""
+k-means, and argument checks removed.
+
+Last measured 2026-11-27 (issue 18): 59/59 killed, none marked equivalent. On a shared,
+overloaded 2-core machine the full runner took ~75-800 s per mutant, so 19 mutants ran
+through ``tools/mutate.py`` itself, 8 through its helpers in parallel workers, and 32 were
+run against the test(s) aimed at them (``pytest -k``); rerun ``python tools/mutate.py
+quantization`` on a quiet machine to confirm the score end to end."""
 
 from mutate import Mutant
 

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils.data import DataLoader
 
+from utils.benchmark import default_threads
 from utils.validation import (
     check_choice,
     check_float,
@@ -326,7 +327,7 @@ def _ort_session(onnx_path: Path, level: str, optimized_path: Path | None = None
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[level]
     so.log_severity_level = 3  # no warning about hardware-specific graphs at level "all"
-    so.intra_op_num_threads = torch.get_num_threads()
+    so.intra_op_num_threads = default_threads()  # the benchmark policy's thread count
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
@@ -420,7 +421,7 @@ def _ov_runner(name: str, ov: Any, model: Any, ctx: _Context, precision: str, no
     compiled = ov.Core().compile_model(
         model,
         "CPU",
-        {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "INFERENCE_PRECISION_HINT": "f32"},
+        {"INFERENCE_NUM_THREADS": default_threads(), "INFERENCE_PRECISION_HINT": "f32"},
     )
 
     def run(x: Tensor) -> np.ndarray:

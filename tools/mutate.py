@@ -78,7 +78,8 @@ def load_spec(module: str) -> tuple[list[str], list[Mutant]]:
 
 
 def _run_tests(workdir: Path, tests: list[str], timeout: int) -> tuple[bool, str]:
-    env = {**os.environ, "PYTHONPATH": str(workdir), "PYTHONDONTWRITEBYTECODE": "1"}
+    path = os.pathsep.join(filter(None, [str(workdir), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1"}
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     try:
         out = subprocess.run(

@@ -23,3 +23,12 @@ def tmp_cache(tmp_path, monkeypatch):
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread (no sync cost on a busy 2-core machine); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -59,13 +59,7 @@ def _logits(rows: int = 3, cols: int = 5, bound: float = 6.0):
     ).map(lambda v: torch.tensor(v, dtype=torch.float64).view(rows, cols))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tiny models train fastest on one thread (no sync cost on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- response-based

@@ -14,14 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from utils import cache, config, data, models, training, validation
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tiny models train fastest on one thread (no sync cost on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- config -----------------------------------------------------------------

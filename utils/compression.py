@@ -45,7 +45,7 @@ from utils.data import load_splits, make_loader
 from utils.distillation import make_kd_loss
 from utils.pruning import magnitude_prune, make_permanent
 from utils.quantization import kmeans_quantize
-from utils.training import fit
+from utils.training import device_of, fit
 from utils.validation import check_float, check_int, check_module, check_tensor, check_type
 
 MAX_SHARED_BITS = 8  # at most 2**8 shared values per layer (the paper's conv layers)
@@ -945,12 +945,6 @@ def compressed_bytes(
 LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    """Device of ``model``'s first parameter (CPU for a model without parameters)."""
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _check_sparsity(sparsity: float | Mapping[str, float]) -> None:
     if isinstance(sparsity, Mapping):
         for name, s in sparsity.items():
@@ -984,7 +978,7 @@ def prune_finetune(
     check_int("steps", steps, minimum=1)
     check_int("epochs", epochs, minimum=0)
     check_float("lr", lr, 0.0, min_inclusive=False)
-    device = _device_of(model)
+    device = device_of(model)
     targets = (
         dict(sparsity)
         if isinstance(sparsity, Mapping)
@@ -1028,7 +1022,7 @@ def quantize_finetune(
     check_type("train_loader", train_loader, DataLoader)
     check_int("epochs", epochs, minimum=0)
     check_float("lr", lr, 0.0, min_inclusive=False)
-    device = _device_of(model)
+    device = device_of(model)
     apply_weight_sharing(model, bits)
     fit(
         model,
@@ -1112,10 +1106,10 @@ def deep_compression(
     check_type("config", config, PipelineConfig)
     if teacher is not None:
         check_module("teacher", teacher)
-    device = _device_of(model)
+    device = device_of(model)
     stages = {"dense": copy.deepcopy(model).eval()}
     work = copy.deepcopy(model)
-    if teacher is not None and _device_of(teacher) != device:
+    if teacher is not None and device_of(teacher) != device:
         teacher = copy.deepcopy(teacher).to(device)
     loss = (
         make_kd_loss(

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 
+from utils.training import device_of
 from utils.validation import (
     check_choice,
     check_float,
@@ -617,7 +618,7 @@ def prune_conv_out(conv: nn.Module, keep: Tensor | Sequence[int]) -> None:
 def prune_bn(bn: nn.Module, keep: Tensor | Sequence[int]) -> None:
     """Keep channels ``keep`` of a BatchNorm layer (affine parameters and running statistics), in place."""
     check_type("bn", bn, (nn.BatchNorm1d, nn.BatchNorm2d))
-    keep = _check_keep(keep, bn.num_features, _device_of(bn))
+    keep = _check_keep(keep, bn.num_features, device_of(bn))
     if bn.affine:
         _set(bn, "weight", bn.weight.detach()[keep])
         _set(bn, "bias", bn.bias.detach()[keep])
@@ -689,14 +690,6 @@ def l1_channel_importance(group: ChannelGroup) -> Tensor:
     return sum(p.weight.detach().abs().reshape(group.channels, -1).sum(1) for p in group.producers)
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    """Device of the first parameter or buffer of ``module`` (CPU for an empty one)."""
-    t = next(module.parameters(), None)
-    if t is None:
-        t = next(module.buffers(), None)
-    return t.device if t is not None else torch.device("cpu")
-
-
 def _check_groups(groups: Sequence[ChannelGroup]) -> None:
     check_type("groups", groups, (list, tuple))
     for i, g in enumerate(groups):
@@ -733,7 +726,7 @@ def taylor_channel_importance(
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError("loss_fn must be callable: (model, x, y) -> loss")
     loss_fn = loss_fn or cross_entropy_loss
-    device = _device_of(model)
+    device = device_of(model)
     scores = [torch.zeros(g.channels, device=device) for g in groups]
     was_training = model.training
     model.eval()  # BN uses its running statistics, as at inference
@@ -808,7 +801,7 @@ def prune_channels(
         scores = taylor_channel_importance(pruned, groups, loader, num_batches=num_batches)
     else:
         gen = torch.Generator().manual_seed(seed)
-        scores = [torch.rand(g.channels, generator=gen).to(_device_of(pruned)) for g in groups]
+        scores = [torch.rand(g.channels, generator=gen).to(device_of(pruned)) for g in groups]
     keeps = [
         torch.topk(s, kept_channels(g.channels, amount)).indices
         for g, s in zip(groups, scores, strict=True)
@@ -859,7 +852,7 @@ def taylor_activation_importance(
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError("loss_fn must be callable: (model, x, y) -> loss")
     loss_fn = loss_fn or cross_entropy_loss
-    device = _device_of(model)
+    device = device_of(model)
     targets = [_activation_module(g) for g in groups]
     acts: dict[int, Tensor] = {}
 
@@ -962,7 +955,7 @@ def iterative_taylor_prune(
         raise ValueError("the model carries pruning masks; call make_permanent first")
     seed_everything(seed)
     pruned = copy.deepcopy(model)
-    device = _device_of(pruned)
+    device = device_of(pruned)
     origin = {g.name: list(range(g.channels)) for g in channel_groups(pruned)}
     goal = round(amount * sum(len(v) for v in origin.values()))
     history: list[dict[str, float | int | str]] = []

@@ -726,3 +726,19 @@ MUTANTS: dict[str, list[LabMutant]] = {
     "04_distillation": _LAB04,
     "05_deep_compression": _LAB05,
 }
+
+
+def _later_labs() -> dict[str, list[LabMutant]]:
+    """Labs of chapter 6 onwards keep their mutants beside this file, one module per lab:
+    ``tests/lab_mutants_NN.py`` with ``LAB`` (the solution's stem) and ``MUTANTS``."""
+    import importlib
+    from pathlib import Path
+
+    found: dict[str, list[LabMutant]] = {}
+    for path in sorted(Path(__file__).parent.glob("lab_mutants_*.py")):
+        module = importlib.import_module(path.stem)
+        found[module.LAB] = module.MUTANTS
+    return found
+
+
+MUTANTS.update(_later_labs())

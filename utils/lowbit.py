@@ -191,8 +191,9 @@ def lq_qem_step(x: Tensor, basis: Tensor) -> Tensor:
     a row of ``B``); step 2 fixes ``B`` and solves the least-squares problem
     ``min_v ‖Bv - x‖²``. Neither step can increase the quantization error.
     """
-    b = lq_encode(x, basis)
-    sol = torch.linalg.lstsq(b.double(), x.reshape(-1, 1).double()).solution
+    b = lq_encode(x, basis).double()
+    gram = b.T @ b + 1e-9 * torch.eye(b.shape[1], dtype=b.dtype, device=b.device)
+    sol = torch.linalg.solve(gram, b.T @ x.reshape(-1, 1).double())  # normal equations, K × K
     return sol.reshape(-1).to(basis.dtype)
 
 

@@ -78,10 +78,10 @@ MUTANTS = [
         "cycles = m + k + n - 1",
     ),
     LabMutant(
-        "no skew: every row receives A[t, k] at the same cycle",
+        "no skew: every row is fed A[t, k] at the same cycle",
         _TILE,
-        "src = t - rows",
-        "src = t + 0 * rows",
+        "a_reg[:, 0] = np.where(ok, a[np.clip(src, 0, m - 1), rows], 0)",
+        "a_reg[:, 0] = np.where(t < m, a[min(t, m - 1), rows], 0)",
     ),
     LabMutant(
         "activations not passed to the right (broadcast to the whole row at once)",

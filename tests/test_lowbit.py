@@ -161,6 +161,10 @@ def test_pack_unpack_round_trip_and_real_bytes(bits):
     assert packed.dtype == torch.uint8
     assert packed.numel() == -(-37 * bits // 8)  # ceil(n·b / 8) bytes
     assert torch.equal(lb.unpack_bits(packed, bits, 37), codes)
+    # the byte-aligned fast path writes the same bytes as the general bit stream
+    stream = ((codes.unsqueeze(1) >> torch.arange(bits)) & 1).reshape(-1)
+    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)]).reshape(-1, 8)
+    assert torch.equal(packed, (stream << torch.arange(8)).sum(1).to(torch.uint8))
 
 
 def test_pack_bits_layout_by_hand():

@@ -154,3 +154,13 @@ MUTANTS = [
         "hess[name] = (x.T @ x).double().cpu()",
     ),
 ]
+
+MUTANTS += [
+    Mutant(
+        "fast pack shifts by one bit per code",
+        F,
+        "return (flat << (shifts[:per] * bits)).sum(1).to(torch.uint8)",
+        "return (flat << shifts[:per]).sum(1).to(torch.uint8)",
+    ),
+    Mutant("fast unpack mask one bit short", F, "& (2**bits - 1)", "& (2 ** (bits - 1) - 1)"),
+]

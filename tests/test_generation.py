@@ -491,6 +491,9 @@ def test_get_translation_models_trains_once_then_loads(tmp_cache, monkeypatch, c
     for a, b in zip(target.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert not target.training and len(list(tmp_cache.glob("translation-*.pt"))) == 2
+    monkeypatch.setattr(G, "_data_fingerprint", lambda: "other data")
+    G.get_translation_models()  # new data: a new cache key, trained again
+    assert "training translation-target" in capsys.readouterr().out
 
 
 def test_training_lowers_the_loss(vocab):
@@ -499,3 +502,8 @@ def test_training_lowers_the_loss(vocab):
     losses = G.train_seq2seq(model, pairs, steps=30, batch_size=16, lr=1e-2)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
     assert not model.training
+    assert len(G.train_seq2seq(model, pairs[:3], steps=2, batch_size=8)) == 2  # batch > data
+    with pytest.raises(ValueError, match="pairs must not be empty"):
+        G.train_seq2seq(model, [], steps=1)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        G.train_seq2seq(model, pairs, steps=0)

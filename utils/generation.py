@@ -682,6 +682,7 @@ TRAIN_STEPS = {"fast": 600, "full": 2000}
 
 def _batches(pairs: list[tuple[str, str]], vocab: CharVocab, batch_size: int, gen):
     """Endless shuffled batches ``(src, tgt_in, tgt_out)`` of padded id tensors."""
+    batch_size = min(batch_size, len(pairs))
     src_all = [torch.tensor(vocab.encode(s)) for s, _ in pairs]
     tgt_all = [torch.tensor([vocab.bos, *vocab.encode(t), vocab.eos]) for _, t in pairs]
     while True:
@@ -707,6 +708,9 @@ def train_seq2seq(
     Returns the loss of every step. Runs on the model's device.
     """
     check_type("model", model, TinySeq2Seq)
+    check_type("pairs", pairs, list)
+    if not pairs:
+        raise ValueError("pairs must not be empty")
     check_int("steps", steps, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
     check_float("lr", lr, 0.0, min_inclusive=False)

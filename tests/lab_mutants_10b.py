@@ -16,8 +16,8 @@ MUTANTS = [
     LabMutant(
         "> instead of >= (a score equal to the threshold stays)",
         _RULE,
-        ">= thresholds[e]",
-        "> thresholds[e]",
+        "exits[scores[e] >= thresholds[e]]",
+        "exits[scores[e] > thresholds[e]]",
     ),
     LabMutant(
         "the last confident exit wins, not the first",

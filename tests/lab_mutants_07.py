@@ -109,3 +109,43 @@ MUTANTS = [
         until="the end metric",
     ),
 ]
+
+_SPEC = "def my_speculative_decode("
+MUTANTS += [
+    LabMutant(
+        "accepts the whole proposal without checking",
+        _SPEC,
+        "        while n < len(proposal) and proposal[n] == best[n]:\n            n += 1\n",
+        "        n = len(proposal)\n",
+    ),
+    LabMutant(
+        "drops the target's own token after the accepted prefix",
+        _SPEC,
+        "new = (proposal[:n] + [best[n]])[:budget]",
+        "new = (proposal[:n] or [best[n]])[:budget]",
+    ),
+    LabMutant(
+        "reads the target's logits one position late",
+        _SPEC,
+        "best = logits[0, -(len(proposal) + 1) :].argmax(-1).tolist()",
+        "best = logits[0, -len(proposal) :].argmax(-1).tolist() + [int(logits[0, -1].argmax())]",
+    ),
+    LabMutant(
+        "one target call per draft token",
+        _SPEC,
+        "        target_calls += 1\n",
+        "        target_calls += len(proposal) + 1\n",
+    ),
+    LabMutant(
+        "ignores the token budget",
+        _SPEC,
+        "new = (proposal[:n] + [best[n]])[:budget]",
+        "new = proposal[:n] + [best[n]]",
+    ),
+    LabMutant(
+        "calls the reference speculative_decode",
+        _SPEC,
+        "        seq += new\n",
+        "        seq = [BOS] + gen.speculative_decode(target, draft, src_ids, k=k, max_new_tokens=max_new_tokens)[0] + [EOS]\n",
+    ),
+]

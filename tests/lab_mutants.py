@@ -352,8 +352,14 @@ _LAB02 = [
     LabMutant(
         "shift without rounding (truncation)",
         "def my_quantize_multiplier(",
-        "(acc.to(torch.int64) * m0 + (torch.ones_like(k) << (k - 1))) >> k",
-        "(acc.to(torch.int64) * m0) >> k",
+        "y = torch.where(p >= 0, (p + half) >> k, -((half - p) >> k))",
+        "y = p >> k",
+    ),
+    LabMutant(
+        "round half up (arithmetic shift after adding half: -2.5 -> -2)",
+        "def my_quantize_multiplier(",
+        "y = torch.where(p >= 0, (p + half) >> k, -((half - p) >> k))",
+        "y = (p + half) >> k",
     ),
     LabMutant(
         "input zero point not subtracted",
@@ -370,7 +376,7 @@ _LAB02 = [
     LabMutant(
         "calls the reference requantize",
         "def my_quantize_multiplier(",
-        "    y = (acc.to(torch.int64) * m0 + (torch.ones_like(k) << (k - 1))) >> k\n    return (y + z_y).clamp(z_y if relu else 0, 255).to(torch.int32)",
+        "    y = torch.where(p >= 0, (p + half) >> k, -((half - p) >> k))\n    return (y + z_y).clamp(z_y if relu else 0, 255).to(torch.int32)",
         "    return ref.requantize(acc, m0, k - 31, z_y, z_y if relu else 0, 255)",
     ),
     LabMutant(

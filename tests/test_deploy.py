@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -25,6 +26,9 @@ from utils.deploy import (
     fx_op_counts,
     onnx_op_counts,
     ort_op_counts,
+    set_executorch_threads,
+    set_tvm_threads,
+    tvm_mcpu,
 )
 from utils.models import SmallMobileNet, SmallResNet
 
@@ -304,6 +308,18 @@ def test_unavailable_backends_say_what_is_missing(runners):
         assert needle in r.reason and needle in str(r)
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("coremltools") is None or sys.platform == "darwin",
+    reason="needs coremltools on Linux",
+)
+def test_coreml_row_says_it_converts_here_but_cannot_predict(runners, workdir):
+    r = runners["coreml"]
+    assert isinstance(r, BackendUnavailable)
+    assert "converts the model here (ML program" in r.reason, r.reason
+    assert "MLModel.predict runs only on Apple's Core ML" in r.reason
+    assert (workdir / "model.mlpackage").is_dir()
+
+
 def test_ort_op_counts_per_level(runners, tmp_path):
     if not HAS_ONNX_EXPORT:
         pytest.skip("needs onnxruntime and onnxscript")
@@ -388,6 +404,36 @@ def test_torch_compile_runner_on_a_tiny_model():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("executorch") is None, reason="needs executorch")
+def test_executorch_and_tvm_use_the_policy_thread_count(monkeypatch):
+    monkeypatch.setenv("COURSE_THREADS", "1")
+    assert set_executorch_threads(1) == 1
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3)).eval()
+    set_executorch_threads(2)  # the pool starts with one thread per CPU
+    r = export_runners(net, torch.randn(2, 1, 4, 4), backends=["executorch"])["executorch"]
+    assert "1 thread(s)" in r.notes
+    lib = importlib.import_module("executorch.extension.pybindings.portable_lib")
+    assert lib._threadpool_get_thread_count() == 1
+    with pytest.raises(ValueError, match="threads must be"):
+        set_executorch_threads(0)
+    if importlib.util.find_spec("tvm") is not None:
+        assert set_tvm_threads(1) == 1
+        with pytest.raises(ValueError, match="threads must be"):
+            set_tvm_threads(0)
+
+
+def test_tvm_mcpu_follows_the_cpu_features():
+    none = dict.fromkeys(("AVX2", "FMA", "AVX-512", "AVX-512 VNNI", "NEON"), False)
+    assert tvm_mcpu(none) == "x86-64"
+    assert tvm_mcpu({**none, "AVX2": True}) == "x86-64", "haswell needs FMA too"
+    assert tvm_mcpu({**none, "AVX2": True, "FMA": True}) == "haswell"
+    assert tvm_mcpu({**none, "AVX2": True, "FMA": True, "AVX-512": True}) == "skylake-avx512"
+    assert tvm_mcpu({**none, "AVX-512": True, "AVX-512 VNNI": True}) == "cascadelake"
+    assert tvm_mcpu({**none, "NEON": True}) == ""
+    with pytest.raises(TypeError, match="features must be dict"):
+        tvm_mcpu(["AVX2"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("executorch") is None, reason="needs executorch")
 def test_executorch_runner_on_a_tiny_model():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).eval()
     x = torch.randn(2, 1, 4, 4)
@@ -403,7 +449,9 @@ def test_tvm_runner_on_a_tiny_model():
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3)).eval()
     x = torch.randn(2, 1, 4, 4)
     r = export_runners(net, x, backends=["tvm"])["tvm"]
-    assert isinstance(r, Runner) and "mcpu=" in r.notes
+    from utils.benchmark import cpu_features
+
+    assert isinstance(r, Runner) and f"mcpu={tvm_mcpu(cpu_features()) or 'host'}," in r.notes
     assert check_agreement(r, net, x)["passed"]
     x3 = torch.randn(3, 1, 4, 4)
     assert torch.allclose(r(x3), net(x3), atol=FP32_ATOL), "a new batch size compiles again"

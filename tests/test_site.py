@@ -190,6 +190,61 @@ def test_student_site_has_no_solutions_and_instructor_site_has_them(ci_sites):
         assert label in title.group(1), f"{site}: title {title.group(1)!r} lacks {label}"
 
 
+def citation_problems(site: Path) -> list[str]:
+    """Citations as the reader sees them: every lesson's {footcite} keys rendered as footnotes with a
+    reference list at the end, nothing left as raw role text, and the bibliography page (chapter 12)
+    listing every entry of references.bib."""
+    from utils.references import lesson_citations, load_bibliography
+
+    problems = []
+    cites = lesson_citations(ROOT)
+    per_lesson: dict[str, set[str]] = {}
+    for key, places in cites.items():
+        for c in places:
+            per_lesson.setdefault(c.notebook, set()).add(key)
+    for page in pages_of(site):
+        text = (site / page).read_text("utf-8")
+        if "{footcite" in text or "{cite" in text:
+            problems.append(f"{page}: a citation role was left unrendered")
+    for stem, keys in sorted(per_lesson.items()):
+        page = site / "lessons" / f"{stem}.html"
+        text = page.read_text("utf-8")
+        notes = re.findall(r'<aside class="footnote(?!-list)[^"]*"', text)
+        if len(notes) != len(keys):
+            problems.append(
+                f"lessons/{stem}.html: {len(notes)} footnotes for {len(keys)} cited keys"
+            )
+    bib_pages = [p for p in pages_of(site) if p.startswith("lessons/12_")]
+    if not bib_pages:
+        problems.append("no bibliography page (lessons/12_*.html)")
+    else:
+        text = (site / bib_pages[0]).read_text("utf-8")
+        listed = text.count('role="doc-biblioentry"')
+        entries = len(load_bibliography(ROOT / "references.bib"))
+        if listed < entries:
+            problems.append(
+                f"{bib_pages[0]}: lists {listed} of the {entries} entries of references.bib"
+            )
+    return problems
+
+
+def test_citations_render_and_the_bibliography_lists_every_entry(ci_sites):
+    assert citation_problems(ci_sites["student"]) == []
+
+
+def test_citation_check_fails_on_an_unrendered_role(ci_sites, tmp_path):
+    broken = tmp_path / "site"
+    shutil.copytree(ci_sites["student"], broken)
+    page = broken / "lessons" / "04_distillation.html"
+    text = page.read_text("utf-8")
+    first = text.index('<aside class="footnote')
+    page.write_text(
+        text[:first] + "{footcite:p}`x`" + text[text.index("</aside>", first) + 8 :], "utf-8"
+    )
+    problems = citation_problems(broken)
+    assert any("unrendered" in p for p in problems) and any("footnotes for" in p for p in problems)
+
+
 def test_each_profile_has_its_own_build_folder_and_cache(tmp_path):
     book = _load_book_helper()
     fast = book.derive_config(_config(), "student", "fast", True, tmp_path / "fast")

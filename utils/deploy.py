@@ -475,6 +475,37 @@ def _openvino_int8(ctx: _Context) -> Runner:
 
 
 # ----------------------------------------------------------------- TVM
+def set_tvm_threads(threads: int) -> int:
+    """Size TVM's (process-wide) CPU thread pool to ``threads``; return the count it reports.
+
+    TVM's runtime otherwise starts one worker per physical core; the course's
+    measurement policy fixes the count (:func:`utils.benchmark.default_threads`).
+    """
+    check_int("threads", threads, minimum=1)
+    tvm = importlib.import_module("tvm")
+    tvm.get_global_func("runtime.config_threadpool")(0, threads)  # mode 0: big cores first
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
+def tvm_mcpu(features: dict[str, bool]) -> str:
+    """The LLVM ``-mcpu`` that lets TVM use this CPU's vector units (``cpu_features()`` names).
+
+    ``skylake-avx512`` with AVX-512 (plus ``cascadelake`` for AVX-512 VNNI's INT8 dot
+    products), ``haswell`` with AVX2 and FMA, else generic ``x86-64`` (SSE2 only);
+    ``""`` on an Arm CPU (NEON): LLVM's default for the host.
+    """
+    check_type("features", features, dict)
+    if features.get("NEON"):
+        return ""
+    if features.get("AVX-512 VNNI"):
+        return "cascadelake"
+    if features.get("AVX-512"):
+        return "skylake-avx512"
+    if features.get("AVX2") and features.get("FMA"):
+        return "haswell"
+    return "x86-64"
+
+
 def _tvm(ctx: _Context) -> Runner:
     """Apache TVM Relax: import the ``torch.export`` program, compile for this CPU with LLVM."""
     tvm = _require("tvm", "tvm", "apache-tvm")
@@ -482,11 +513,9 @@ def _tvm(ctx: _Context) -> Runner:
 
     relax = importlib.import_module("tvm.relax")
     frontend = importlib.import_module("tvm.relax.frontend.torch")
-    feats = cpu_features()
-    mcpu = (
-        "skylake-avx512" if feats.get("avx512f") else ("haswell" if feats.get("avx2") else "x86-64")
-    )
-    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    mcpu = tvm_mcpu(cpu_features())
+    target = tvm.target.Target({"kind": "llvm", **({"mcpu": mcpu} if mcpu else {})})
+    threads = set_tvm_threads(default_threads())  # the benchmark policy's thread count
     to_tvm = tvm.runtime.tensor if hasattr(tvm.runtime, "tensor") else tvm.nd.array
     model, vms = ctx.model, {}
 
@@ -514,19 +543,55 @@ def _tvm(ctx: _Context) -> Runner:
         run,
         ctx.input_shape,
         version=f"apache-tvm {tvm.__version__}",
-        notes=f"Relax default pipeline, target llvm -mcpu={mcpu}, untuned; compiled once per batch size",
+        notes=f"Relax default pipeline, target llvm -mcpu={mcpu or 'host'}, untuned, {threads} thread(s); "
+        "compiled once per batch size",
     )
 
 
 # ----------------------------------------------------------------- ExecuTorch
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence what native code writes to file descriptor 2 (and torch's pytree notice)."""
+    import logging
+
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level, saved = pytree_log.level, os.dup(2)
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        pytree_log.setLevel(level)
+
+
+def set_executorch_threads(threads: int) -> int:
+    """Size ExecuTorch's (process-wide) thread pool, which XNNPACK runs on; return its size.
+
+    The pool starts with one thread per CPU; the course's measurement policy fixes
+    the count (:func:`utils.benchmark.default_threads`).
+    """
+    check_int("threads", threads, minimum=1)
+    lib = importlib.import_module("executorch.extension.pybindings.portable_lib")
+    if lib._threadpool_get_thread_count() != threads:
+        lib._unsafe_reset_threadpool(threads)
+    return int(lib._threadpool_get_thread_count())
+
+
 def _executorch(ctx: _Context) -> Runner:
     """ExecuTorch: the ``torch.export`` program lowered to XNNPACK, run by its Python runtime."""
     name = "executorch"
     _require(name, "executorch")
     try:
-        xnn = importlib.import_module("executorch.backends.xnnpack.partition.xnnpack_partitioner")
-        exir = importlib.import_module("executorch.exir")
-        runtime = importlib.import_module("executorch.runtime").Runtime.get()
+        with _quiet_native_stderr():  # its CPU probes and pool reset log to file descriptor 2
+            xnn = importlib.import_module(
+                "executorch.backends.xnnpack.partition.xnnpack_partitioner"
+            )
+            exir = importlib.import_module("executorch.exir")
+            runtime = importlib.import_module("executorch.runtime").Runtime.get()
+            threads = set_executorch_threads(default_threads())  # the policy's thread count
     except Exception as err:
         raise BackendUnavailable(
             name, f"executorch is installed but its XNNPACK/runtime fail: {err}"
@@ -561,25 +626,59 @@ def _executorch(ctx: _Context) -> Runner:
         ctx.input_shape,
         file_bytes=next(iter(sizes.values())),
         version=_version("executorch"),
-        notes="torch.export → edge dialect → XNNPACK delegate (.pte), Python runtime; "
-        "lowered once per batch size",
+        notes="torch.export → edge dialect → XNNPACK delegate (.pte), Python runtime, "
+        f"{threads} thread(s); lowered once per batch size",
     )
+
+
+def coreml_convert(model: nn.Module, example: Tensor, path: str | Path) -> int:
+    """Convert ``model`` to a Core ML ML program (``.mlpackage``) with coremltools; its bytes.
+
+    ``torch.export`` → ATen dialect (``run_decompositions``) → ``coremltools.convert``.
+    Converting works on Linux; running the result (``MLModel.predict``) needs Apple's
+    Core ML framework, which only macOS has.
+    """
+    check_module("model", model)
+    check_tensor("example", example)
+    ct = _require("coreml", "coremltools")
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model.eval(), (example,)).run_decompositions({})
+            ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17).save(
+                str(path)
+            )
+    except Exception as err:
+        raise ExportError("coreml", f"coremltools could not convert the model: {err}") from err
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def _coreml(ctx: _Context) -> Runner:
     import platform
 
-    if platform.system() != "Darwin":
-        have = importlib.util.find_spec("coremltools") is not None
+    if platform.system() == "Darwin":
+        _require("coreml", "coremltools")
         raise BackendUnavailable(
-            "coreml",
-            "needs macOS: coremltools"
-            + (" is installed and" if have else " (not installed)")
-            + " can convert on Linux, but Core ML models run only on Apple's Core ML framework",
+            "coreml", "coremltools is installed, but the course has no macOS runner for it yet"
         )
-    _require("coreml", "coremltools")
+    if importlib.util.find_spec("coremltools") is None:
+        raise BackendUnavailable(
+            "coreml", "needs macOS (Core ML runs only on Apple's framework) and coremltools"
+        )
+    version = _version("coremltools")
+    try:
+        size = coreml_convert(ctx.model, ctx.example, ctx.workdir / "model.mlpackage")
+        converted = f"{version} converts the model here (ML program, {size / 1024:.0f} KB)"
+    except ExportError as err:
+        converted = f"{version} fails to convert it here ({str(err.reason).splitlines()[0]})"
     raise BackendUnavailable(
-        "coreml", "coremltools is installed, but the course has no runner for it yet"
+        "coreml",
+        f"needs macOS: {converted}, but MLModel.predict runs only on Apple's Core ML "
+        "framework (the Linux wheel has no coremltools.libcoremlpython)",
     )
 
 

@@ -140,4 +140,29 @@ MUTANTS = [
         "_NOOP_MODULES = (nn.Identity, nn.Dropout,",
         "_NOOP_MODULES = (nn.Dropout,",
     ),
+    # --- threads and targets of the compilers
+    Mutant(
+        "TVM compiled for AVX2 without checking FMA",
+        D,
+        'if features.get("AVX2") and features.get("FMA"):',
+        'if features.get("AVX2"):',
+    ),
+    Mutant(
+        "TVM ignores AVX-512 VNNI",
+        D,
+        '    if features.get("AVX-512 VNNI"):\n        return "cascadelake"\n',
+        "",
+    ),
+    Mutant(
+        "ExecuTorch keeps its default thread pool",
+        D,
+        "        lib._unsafe_reset_threadpool(threads)\n",
+        "        pass\n",
+    ),
+    Mutant(
+        "ExecuTorch threads not checked",
+        D,
+        '    check_int("threads", threads, minimum=1)\n    lib = importlib',
+        "    lib = importlib",
+    ),
 ]

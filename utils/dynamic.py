@@ -7,17 +7,17 @@
   distillation* (the smaller widths learn the largest width's soft predictions), and its BN
   statistics are *recalibrated* per width after training (:func:`recalibrate_bn`), because the
   mean and variance of a channel depend on how many channels feed it. :func:`extract_subnet`
-  copies one width out as an ordinary narrow network. Lesson 10_b, section 10b.2.
+  copies one width out as an ordinary narrow network. Lesson 10_b, section 10.7.
 * **Early exit** (Teerapittayanon, McDanel & Kung, "BranchyNet: Fast Inference via Early Exiting
   from Deep Neural Networks", ICPR 2016): :class:`EarlyExitCNN` has classifier heads after each
   stage; a sample leaves at the first exit whose confidence reaches its threshold
   (:func:`exit_points`), so easy inputs pay for the first stages only (:func:`average_cost`).
   :class:`MiniLMExits` does the same on the layers of the course's MiniLM encoder (heads after
-  layers 2, 4, 6; as DeeBERT, Xin et al. 2020). Lesson 10_b, sections 10b.3–10b.4; lab 10_b.
+  layers 2, 4, 6; as DeeBERT, Xin et al. 2020). Lesson 10_b, sections 10.8–10.9; lab 10_b.
 * **Latency-constrained architecture search**: :func:`random_search` samples per-layer widths of
   the slimmable supernet, evaluates each with the shared weights (after BN recalibration) and keeps
   the most accurate one under a MACs budget (the weight-sharing one-shot NAS of e.g. Once-for-All,
-  Cai et al. 2020, in miniature). Lesson 10_b, section 10b.5.
+  Cai et al. 2020, in miniature). Lesson 10_b, section 10.11.
 """
 
 from __future__ import annotations

@@ -149,10 +149,14 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 class Memory(NamedTuple):
-    """The encoded source: ``states`` (B, S, d) and ``pad_mask`` (B, S), True at padding."""
+    """The encoded source: ``states`` (B, S, d) and ``key_mask`` (B, 1, 1, S).
+
+    ``key_mask`` is True at real tokens (attention may look there), or ``None``
+    when no source is padded (then attention needs no mask at all).
+    """
 
     states: Tensor
-    pad_mask: Tensor
+    key_mask: Tensor | None
 
 
 @dataclass
@@ -202,16 +206,24 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(d_model, 3 * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of ``x`` (B, T, d), each (B, H, T, d_h), in one matmul."""
+        q, k, v = self.in_proj(x).chunk(3, dim=-1)
+        return _heads(q, self.heads), _heads(k, self.heads), _heads(v, self.heads)
+
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of ``x`` (B, S, d), each (B, H, S, d_h)."""
         d = x.shape[-1]
         k, v = F.linear(x, self.in_proj.weight[d:], self.in_proj.bias[d:]).chunk(2, dim=-1)
         return _heads(k, self.heads), _heads(v, self.heads)
 
-    def attend(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """Queries from ``x`` (B, T, d) over keys/values; ``mask`` True where attention is allowed."""
+    def project_q(self, x: Tensor) -> Tensor:
+        """Queries of ``x`` (B, T, d) as (B, H, T, d_h)."""
         d = x.shape[-1]
-        q = _heads(F.linear(x, self.in_proj.weight[:d], self.in_proj.bias[:d]), self.heads)
+        return _heads(F.linear(x, self.in_proj.weight[:d], self.in_proj.bias[:d]), self.heads)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """``out_proj(softmax(QKᵀ/√d_h) V)``; ``mask`` is True where attention is allowed."""
         return self.out_proj(_merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
 
 
@@ -243,13 +255,13 @@ class Block(nn.Module):
         cross_mask: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Returns the new states and this layer's self-attention keys/values (past + new)."""
-        h = self.norm1(x)
-        k, v = self.self_attn.project_kv(h)
+        q, k, v = self.self_attn.project_qkv(self.norm1(x))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        x = x + self.self_attn.attend(h, k, v, mask)
+        x = x + self.self_attn.attend(q, k, v, mask)
         if self.cross_attn is not None:
-            x = x + self.cross_attn.attend(self.norm2(x), *cross_kv, cross_mask)
+            q = self.cross_attn.project_q(self.norm2(x))
+            x = x + self.cross_attn.attend(q, *cross_kv, cross_mask)
         x = x + self.linear2(F.gelu(self.linear1(self.norm3(x))))
         return x, (k, v)
 
@@ -311,13 +323,14 @@ class TinySeq2Seq(nn.Module):
                 f"src has {src.shape[1]} tokens; this model takes at most "
                 f"max_src_len={self.max_src_len}"
             )
-        pad = src == self.vocab.pad
         pos = torch.arange(src.shape[1], device=src.device)
         x = self.embed(src) + self.src_pos(pos)
-        mask = ~pad[:, None, None, :]  # every query may look at every non-pad key
+        mask = (src != self.vocab.pad)[:, None, None, :]  # every query sees every non-pad key
+        if bool(mask.all()):
+            mask = None
         for block in self.encoder:
             x, _ = block(x, mask)
-        return Memory(self.enc_norm(x), pad)
+        return Memory(self.enc_norm(x), mask)
 
     def step(
         self, memory: Memory, tokens: Tensor, cache: KVCache | None = None
@@ -341,11 +354,10 @@ class TinySeq2Seq(nn.Module):
         if t > 1:  # query i (position past+i) sees keys 0..past+i
             keys = torch.arange(past + t, device=tokens.device)
             mask = keys[None, :] <= pos[:, None]
-        cross_mask = ~memory.pad_mask[:, None, None, :]
         new = []
         for i, block in enumerate(self.decoder):
             p = cache.self_kv[i] if cache.self_kv else None
-            x, kv = block(x, mask, p, cache.cross_kv[i], cross_mask)
+            x, kv = block(x, mask, p, cache.cross_kv[i], memory.key_mask)
             new.append(kv)
         return self.out(self.dec_norm(x)), KVCache(new, cache.cross_kv)
 
@@ -677,7 +689,7 @@ def speculative_sample(
 
 TARGET_ARCH = {"d_model": 64, "heads": 4, "enc_layers": 2, "dec_layers": 4}
 DRAFT_ARCH = {"d_model": 32, "heads": 2, "enc_layers": 1, "dec_layers": 1}
-TRAIN_STEPS = {"fast": 600, "full": 2000}
+TRAIN_STEPS = {"fast": 1000, "full": 3000}
 
 
 def _batches(pairs: list[tuple[str, str]], vocab: CharVocab, batch_size: int, gen):
@@ -699,7 +711,7 @@ def train_seq2seq(
     pairs: list[tuple[str, str]],
     *,
     steps: int,
-    batch_size: int = 64,
+    batch_size: int = 32,
     lr: float = 3e-3,
     seed: int = 0,
 ) -> list[float]:

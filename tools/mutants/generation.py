@@ -42,14 +42,15 @@ MUTANTS = [
     Mutant(
         "cross-attention ignores source padding",
         F,
-        "cross_mask = ~memory.pad_mask[:, None, None, :]",
-        "cross_mask = None",
+        "x, kv = block(x, mask, p, cache.cross_kv[i], memory.key_mask)",
+        "x, kv = block(x, mask, p, cache.cross_kv[i], None)",
     ),
+    Mutant("encoder attends to padding", F, "x, _ = block(x, mask)", "x, _ = block(x, None)"),
     Mutant(
-        "encoder attends to padding",
+        "padding mask dropped whenever any row is unpadded",
         F,
-        "mask = ~pad[:, None, None, :]  # every query",
-        "mask = None  # every query",
+        "if bool(mask.all()):",
+        "if bool(mask.any()):",
     ),
     Mutant(
         "truncate keeps one position too many",

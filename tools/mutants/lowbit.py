@@ -1,6 +1,12 @@
 """Mutants of ``utils/lowbit.py``: plausible bugs that ``tests/test_lowbit.py`` must catch —
 LSQ's range, gradients and gradient scale, LQ-Nets' encoding and QEM solve, binary/ternary
-scaling and thresholds, bit packing, group-wise min-max parameters, GPTQ's error feedback."""
+scaling and thresholds, bit packing, group-wise min-max parameters, GPTQ's error feedback.
+
+Last measured 2026-11-27: 29/29 killed. 24 through ``tools/mutate.py lowbit`` itself; the two GPTQ
+block/group mutants survived that run and are killed by the test added for them
+(``test_gptq_lazy_blocks_equal_the_unblocked_algorithm``), checked like the last five (scales,
+Hessian batches, the two fast-path packing mutants) on a mutated copy of the repository with
+``pytest -x tests/test_lowbit.py`` (the runner's own method) on an overloaded 2-core machine."""
 
 from mutate import Mutant
 

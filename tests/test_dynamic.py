@@ -160,6 +160,16 @@ def test_recalibrated_statistics_are_the_mean_of_batch_statistics():
     got_mean, got_var = net.bn1.calibrated[c1]
     torch.testing.assert_close(got_mean, mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_var, var, rtol=1e-5, atol=1e-5)
+    # the second BN sees the first one's output normalised with the *batch* statistics, as in training
+    c2 = net.active()[1]
+    with torch.no_grad():
+        h2 = []
+        for h in hs:
+            z = F.batch_norm(h, None, None, net.bn1.weight[:c1], net.bn1.bias[:c1], True, 0.0, 1e-5)
+            h2.append(F.conv2d(F.max_pool2d(F.relu(z), 2), net.conv2.weight[:c2, :c1], None, 1, 1))
+    torch.testing.assert_close(
+        net.bn2.calibrated[c2][0], sum(h.mean((0, 2, 3)) for h in h2) / 2, rtol=1e-4, atol=1e-5
+    )
     # eval mode now normalises with them
     with torch.no_grad():
         h = net.bn1(hs[0])

@@ -143,10 +143,10 @@ def test_binarize_by_hand():
 
 
 def test_ternarize_by_hand():
-    w = torch.tensor([[0.1, -0.2, 1.5, -2.2]])
-    # Delta = 0.7 * mean|w| = 0.7 * 1.0 = 0.7; kept: 1.5, -2.2; alpha = 1.85
+    w = torch.tensor([[0.1, -0.6, 1.5, -1.8]])
+    # Delta = 0.7 * mean|w| = 0.7 * 1.0 = 0.7; kept: 1.5, -1.8 (not -0.6); alpha = 1.65
     out = lb.ternarize(w)
-    assert torch.allclose(out, torch.tensor([[0.0, 0.0, 1.85, -1.85]]))
+    assert torch.allclose(out, torch.tensor([[0.0, 0.0, 1.65, -1.65]]))
     assert lb.Ternarizer().codes(w).tolist() == [[1, 1, 2, 0]]
     with pytest.raises(ValueError, match="output-channel"):
         lb.ternarize(torch.ones(3))
@@ -161,6 +161,10 @@ def test_pack_unpack_round_trip_and_real_bytes(bits):
     assert packed.dtype == torch.uint8
     assert packed.numel() == -(-37 * bits // 8)  # ceil(n·b / 8) bytes
     assert torch.equal(lb.unpack_bits(packed, bits, 37), codes)
+    # the byte-aligned fast path writes the same bytes as the general bit stream
+    stream = ((codes.unsqueeze(1) >> torch.arange(bits)) & 1).reshape(-1)
+    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)]).reshape(-1, 8)
+    assert torch.equal(packed, (stream << torch.arange(8)).sum(1).to(torch.uint8))
 
 
 def test_pack_bits_layout_by_hand():
@@ -183,6 +187,10 @@ def test_quantize_groupwise_by_hand():
     assert gq.scale.tolist() == [[1.5]] and gq.zero.tolist() == [[1]]
     assert gq.codes.tolist() == [[1, 2, 0, 3]]
     assert torch.equal(gq.dequantize(), w)
+    # all-positive group: the range is widened to [0, 4] -> S = 4/3, Z = 0
+    gq = lb.quantize_groupwise(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), bits=2, group_size=4)
+    assert gq.zero.tolist() == [[0]] and torch.allclose(gq.scale, torch.tensor([[4 / 3]]))
+    assert gq.codes.tolist() == [[1, 2, 2, 3]]
     with pytest.raises(ValueError, match="group_size must divide"):
         lb.quantize_groupwise(torch.ones(2, 6), 4, 4)
 
@@ -252,7 +260,7 @@ def test_quantize_linears_gptq_uses_hessians():
         def forward(self, inputs):
             return self.m(inputs)
 
-    hess = lb.linear_hessians(Wrap(model), [{"inputs": x}])
+    hess = lb.linear_hessians(Wrap(model), [{"inputs": x[:100]}, {"inputs": x[100:]}])
     assert set(hess) == {"m.0", "m.2"}
     assert torch.allclose(hess["m.0"], (x.T @ x).double(), rtol=1e-4)
     with pytest.raises(ValueError, match="needs hessians"):

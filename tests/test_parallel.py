@@ -37,8 +37,9 @@ def test_distributed_outputs_equal_single_process(setup):
 def test_throughput_measured(setup):
     result, _ = setup
     for mode in ("data_parallel", "pipeline"):
-        assert result.latency_ms[mode] > 0
-        assert result.throughput(mode) == pytest.approx(16_000 / result.latency_ms[mode])
+        lat = result.latency(mode)
+        assert lat.median_ms > 0 and lat.repeats == 2 and lat.batch_size == 16
+        assert result.throughput(mode) == pytest.approx(16_000 / lat.median_ms)
 
 
 def test_split_and_bad_input():

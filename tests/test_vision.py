@@ -190,3 +190,24 @@ def test_bad_inputs():
         V.inverted_residual_macs(8, 8, 3, 6, 4, 4)
     with pytest.raises(ValueError, match="cout must be >= 1"):
         V.DepthwiseSeparableConv(4, 0)
+
+
+def test_compress_scene_model_bad_input():
+    pytest.importorskip("utils.detection")
+    with pytest.raises(ValueError, match="name must be one of"):
+        V.compress_scene_model("classifier")
+    with pytest.raises(ValueError, match="amount must be < 1"):
+        V.compress_scene_model("detector", amount=1.0)
+    with pytest.raises(ValueError, match="epochs must be >= 0"):
+        V.compress_scene_model("segmenter", epochs=-1)
+
+
+def test_latency_grid_rows_and_bad_input():
+    grid = V.latency_grid(("resnet18",), (0.25,), (16, 24), rounds=1, repeats=1)
+    assert list(grid["size"]) == [16, 24] and (grid.latency_ms > 0).all()
+    assert grid.macs[1] > grid.macs[0]
+    assert grid.macs[0] == count_macs(V.ResNet18(0.25), torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="names\\[i\\] must be one of"):
+        V.latency_grid(("vgg",))
+    with pytest.raises(ValueError, match="must not be empty"):
+        V.latency_grid(widths=())

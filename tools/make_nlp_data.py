@@ -33,6 +33,10 @@ CITIES = [
     "Prague",
     "Boston",
     "Hanoi",
+    "New York",
+    "Cape Town",
+    "Buenos Aires",
+    "Kuala Lumpur",
 ]
 PEOPLE = [
     "Maria Lopez",

@@ -549,6 +549,24 @@ def _tvm(ctx: _Context) -> Runner:
 
 
 # ----------------------------------------------------------------- ExecuTorch
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence what native code writes to file descriptor 2 (and torch's pytree notice)."""
+    import logging
+
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level, saved = pytree_log.level, os.dup(2)
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        pytree_log.setLevel(level)
+
+
 def set_executorch_threads(threads: int) -> int:
     """Size ExecuTorch's (process-wide) thread pool, which XNNPACK runs on; return its size.
 
@@ -567,14 +585,17 @@ def _executorch(ctx: _Context) -> Runner:
     name = "executorch"
     _require(name, "executorch")
     try:
-        xnn = importlib.import_module("executorch.backends.xnnpack.partition.xnnpack_partitioner")
-        exir = importlib.import_module("executorch.exir")
-        runtime = importlib.import_module("executorch.runtime").Runtime.get()
+        with _quiet_native_stderr():  # its CPU probes and pool reset log to file descriptor 2
+            xnn = importlib.import_module(
+                "executorch.backends.xnnpack.partition.xnnpack_partitioner"
+            )
+            exir = importlib.import_module("executorch.exir")
+            runtime = importlib.import_module("executorch.runtime").Runtime.get()
+            threads = set_executorch_threads(default_threads())  # the policy's thread count
     except Exception as err:
         raise BackendUnavailable(
             name, f"executorch is installed but its XNNPACK/runtime fail: {err}"
         ) from err
-    threads = set_executorch_threads(default_threads())  # the benchmark policy's thread count
     model, methods, sizes = ctx.model, {}, {}
 
     def method(batch: int) -> Any:

@@ -191,8 +191,9 @@ def lq_qem_step(x: Tensor, basis: Tensor) -> Tensor:
     a row of ``B``); step 2 fixes ``B`` and solves the least-squares problem
     ``min_v ‖Bv - x‖²``. Neither step can increase the quantization error.
     """
-    b = lq_encode(x, basis)
-    sol = torch.linalg.lstsq(b.double(), x.reshape(-1, 1).double()).solution
+    b = lq_encode(x, basis).double()
+    gram = b.T @ b + 1e-9 * torch.eye(b.shape[1], dtype=b.dtype, device=b.device)
+    sol = torch.linalg.solve(gram, b.T @ x.reshape(-1, 1).double())  # normal equations, K × K
     return sol.reshape(-1).to(basis.dtype)
 
 
@@ -418,10 +419,15 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     flat = codes.reshape(-1).to(torch.int64)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits - 1}] for bits={bits}")
-    stream = ((flat.unsqueeze(1) >> torch.arange(bits)) & 1).reshape(-1)
+    shifts = torch.arange(8, device=flat.device)
+    if 8 % bits == 0:  # whole codes per byte: shift each into place (same layout, faster)
+        per = 8 // bits
+        flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per)]).reshape(-1, per)
+        return (flat << (shifts[:per] * bits)).sum(1).to(torch.uint8)
+    stream = ((flat.unsqueeze(1) >> shifts[:bits]) & 1).reshape(-1)
     pad = (-stream.numel()) % 8
     stream = torch.cat([stream, stream.new_zeros(pad)]).reshape(-1, 8)
-    return (stream << torch.arange(8)).sum(1).to(torch.uint8)
+    return (stream << shifts).sum(1).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
@@ -431,9 +437,14 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
         raise TypeError(f"packed must be a uint8 tensor, got {packed.dtype}")
     check_int("bits", bits, minimum=1, maximum=8)
     check_int("numel", numel, minimum=0, maximum=packed.numel() * 8 // bits)
-    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)
+    shifts = torch.arange(8, device=packed.device)
+    if 8 % bits == 0:  # whole codes per byte
+        per = 8 // bits
+        codes = (packed.to(torch.int64).unsqueeze(1) >> (shifts[:per] * bits)) & (2**bits - 1)
+        return codes.reshape(-1)[:numel]
+    stream = ((packed.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)
     stream = stream[: numel * bits].reshape(numel, bits)
-    return (stream << torch.arange(bits)).sum(1)
+    return (stream << shifts[:bits]).sum(1)
 
 
 # ----------------------------------------------------------------- group-wise weight-only
@@ -513,8 +524,8 @@ def gptq_quantize(
     if hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"hessian must be {w.shape[1]}×{w.shape[1]}, got {tuple(hessian.shape)}")
     check_float("damp", damp, 0.0)
-    W = w.detach().double().clone()
-    H = hessian.detach().double().clone()
+    W = w.detach().double().cpu().clone()
+    H = hessian.detach().double().cpu().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -607,8 +618,8 @@ def linear_hessians(
 
     def hook(name):
         def fn(_mod, inputs, _out):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double().cpu()
-            hess[name] += x.T @ x
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            hess[name] += (x.T @ x).double().cpu()  # FP32 product per batch, FP64 sum
 
         return fn
 
@@ -631,10 +642,12 @@ def quantize_linears_(
     group_size: int = 64,
     hessians: dict[str, Tensor] | None = None,
     names: list[str] | None = None,
+    damp: float = 0.01,
 ) -> nn.Module:
     """Replace ``nn.Linear`` layers by :class:`PackedLinear` (in place): ``"rtn"`` or ``"gptq"``.
 
-    GPTQ needs ``hessians`` from :func:`linear_hessians` for every replaced layer.
+    GPTQ needs ``hessians`` from :func:`linear_hessians` for every replaced layer
+    (``damp``: see :func:`gptq_quantize`).
     ``names`` restricts the layers (default: every ``nn.Linear`` whose input
     features ``group_size`` divides).
     """
@@ -651,10 +664,64 @@ def quantize_linears_(
         layers = {n: layers[n] for n in names}
     for name, lin in layers.items():
         if method == "gptq":
-            gq = gptq_quantize(lin.weight, hessians[name], bits, group_size)
+            gq = gptq_quantize(lin.weight, hessians[name], bits, group_size, damp)
         else:
             gq = quantize_groupwise(lin.weight, bits, group_size)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, PackedLinear(gq, lin.bias).to(lin.weight.device))
+    return model
+
+
+def quantize_linears_cached_(
+    model: nn.Module,
+    names: list[str],
+    *,
+    method: str,
+    bits: int,
+    group_size: int,
+    calibration: Callable[[], Iterable[dict[str, Tensor]]],
+    cache_name: str,
+    config: dict,
+) -> nn.Module:
+    """:func:`quantize_linears_` on ``names`` (in place), the packed layers cached on disk.
+
+    GPTQ on every layer of a transformer takes a while on a small CPU, so its result
+    (the :class:`PackedLinear` buffers) is computed once and kept by
+    :func:`utils.cache.cached_state` under ``cache_name`` and ``config`` (which must
+    name everything that changes the result, e.g. the model and the calibration
+    text); ``calibration()`` returns the batches for :func:`linear_hessians`.
+    """
+    from utils.cache import cached_state
+
+    check_module("model", model)
+    check_choice("method", method, ("rtn", "gptq"))
+    keys = {n: n.replace(".", "__") for n in names}
+
+    def build() -> nn.Module:  # the structure to load into: round-to-nearest layers
+        store = nn.ModuleDict()
+        for n in names:
+            lin = model.get_submodule(n)
+            store[keys[n]] = PackedLinear(
+                quantize_groupwise(lin.weight, bits, group_size), lin.bias
+            )
+        return store
+
+    def train(store: nn.Module) -> None:
+        hess = linear_hessians(model, calibration(), names) if method == "gptq" else None
+        for n in names:
+            lin = model.get_submodule(n)
+            gq = (
+                gptq_quantize(lin.weight, hess[n], bits, group_size)
+                if method == "gptq"
+                else quantize_groupwise(lin.weight, bits, group_size)
+            )
+            store[keys[n]] = PackedLinear(gq, lin.bias)
+
+    full = {"method": method, "bits": bits, "group_size": group_size, **config}
+    store, _, _ = cached_state(cache_name, full, build, train)
+    for n in names:
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, store[keys[n]].to(model.get_submodule(n).weight.device))
     return model

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import socket
-import statistics
 from dataclasses import dataclass
 
 import torch
@@ -28,22 +27,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from utils.benchmark import time_callable
+from utils.benchmark import Latency, summarize, time_callable
 from utils.validation import check_int, check_module, check_tensor
 
 
 @dataclass
 class ParallelResult:
-    """Outputs (gathered on the parent) and median latency (ms) of one batch per mode."""
+    """Outputs (gathered on the parent) and timings (ms, one batch per timing) per mode."""
 
     outputs: dict[str, Tensor]
-    latency_ms: dict[str, float]
+    times_ms: dict[str, list[float]]
     batch_size: int
     world_size: int
 
+    def latency(self, mode: str) -> Latency:
+        """The timings of ``mode`` summarised (median, p10, p90; 1 thread per process)."""
+        return summarize(self.times_ms[mode], self.batch_size, 1)
+
     def throughput(self, mode: str) -> float:
         """Samples per second of ``mode``: ``batch / median latency``."""
-        return 1000.0 * self.batch_size / self.latency_ms[mode]
+        return self.latency(mode).throughput
 
 
 def as_sequential(model: nn.Module, example: Tensor) -> nn.Sequential:
@@ -120,7 +123,7 @@ def _worker(rank, world, model, inputs, at, micro, warmup, repeats, port, queue)
                 out = fn()
                 times = time_callable(fn, warmup=warmup, repeats=repeats)
                 if (name == "data_parallel" and rank == 0) or (name == "pipeline" and rank == 1):
-                    queue.put((name, out.numpy(), statistics.median(times)))  # by value
+                    queue.put((name, out.numpy(), times))  # by value
     finally:
         dist.destroy_process_group()
 

@@ -220,6 +220,67 @@ def at_resolution(model: nn.Module, size: int) -> nn.Sequential:
     return nn.Sequential(Resize(size), model)
 
 
+def latency_grid(
+    names: tuple[str, ...] = VISION_MODELS,
+    widths: tuple[float, ...] = (0.25, 0.5, 1.0),
+    sizes: tuple[int, ...] = (14, 28, 56),
+    *,
+    batch_size: int = 1,
+    rounds: int = 3,
+    repeats: int = 3,
+    threads: int | None = None,
+):
+    """Latency of every ``(model, width)`` at every input size ``size×size`` (图15's data), as a DataFrame.
+
+    Latency does not depend on the weights, so the models are untrained. At each
+    size all variants are timed interleaved (:func:`utils.benchmark.measure_latency_interleaved`,
+    the course's one policy). Columns: ``model, width, size, macs, latency_ms, p10_ms,
+    p90_ms, noisy, threads``.
+    """
+    import pandas as pd
+
+    from utils.benchmark import count_macs, measure_latency_interleaved
+
+    check_type("names", names, (tuple, list))
+    for name in names:
+        check_choice("names[i]", name, VISION_MODELS)
+    check_type("widths", widths, (tuple, list))
+    check_type("sizes", sizes, (tuple, list))
+    if not names or not widths or not sizes:
+        raise ValueError("names, widths and sizes must not be empty")
+    for s in sizes:
+        check_int("sizes[i]", s, minimum=8)
+    check_int("batch_size", batch_size, minimum=1)
+    models = {(n, w): build_vision_model(n, w).eval() for n in names for w in widths}
+    rows = []
+    for size in sizes:
+        x = torch.randn(batch_size, 1, size, size)
+        lats = measure_latency_interleaved(
+            {f"{n}@{w}": m for (n, w), m in models.items()},
+            x,
+            rounds=rounds,
+            repeats=repeats,
+            warmup=2,
+            threads=threads,
+        )
+        for (n, w), m in models.items():
+            lat = lats[f"{n}@{w}"]
+            rows.append(
+                {
+                    "model": n,
+                    "width": w,
+                    "size": size,
+                    "macs": count_macs(m, x[:1]),
+                    "latency_ms": lat.median_ms,
+                    "p10_ms": lat.p10_ms,
+                    "p90_ms": lat.p90_ms,
+                    "noisy": lat.noisy,
+                    "threads": lat.threads,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 # ----------------------------------------------------------------- trained classifiers
 def classifier_config(name: str, width: float, *, seed: int = 0, epochs: int | None = None) -> dict:
     """Everything that determines the weights of :func:`get_classifier` (the cache key)."""
@@ -264,6 +325,57 @@ def get_classifier(
     return model
 
 
+SCENE_STAGES = ("fp32", "int8", "pruned", "distilled", "combined")
+"""Stages of :func:`compress_scene_model`, in order."""
+
+
+def compress_scene_model(
+    name: str, *, amount: float = 0.5, epochs: int | None = None, seed: int = 0
+) -> dict[str, nn.Module]:
+    """Chapter 8's acceleration of the detector or segmenter of ``utils.detection``, stage by stage.
+
+    ``fp32``: the trained model (``get_scene_model(name)``); ``int8``: its static INT8
+    copy; ``pruned``: ``prune_scene_model(fp32, amount)`` (L1 channel pruning, no
+    training); ``distilled``: the pruned network trained by feature distillation from
+    ``fp32`` (``distill_detector`` / ``distill_segmenter``: FitNets hint + output KD)
+    for ``epochs`` (default: the detector's or segmenter's own epochs of the profile),
+    cached; ``combined``: the distilled network in static INT8. All on the CPU, eval mode.
+    """
+    from utils import detection as D
+
+    check_choice("name", name, D.MODEL_NAMES)
+    check_float("amount", amount, 0.0, 1.0, max_inclusive=False)
+    check_int("seed", seed, minimum=0)
+    recipe = D.RECIPES[get_profile().name]
+    epochs = recipe[f"{name}_epochs"] if epochs is None else epochs
+    check_int("epochs", epochs, minimum=0)
+    teacher = D.get_scene_model(name, seed=seed).cpu().eval()
+    distill_fn = D.distill_detector if name == "detector" else D.distill_segmenter
+    key = {
+        "teacher": D._train_config(name, 1.0, recipe[f"{name}_epochs"], seed, 3e-3),
+        "amount": amount,
+        "epochs": epochs,
+        "seed": seed,
+        "version": VISION_VERSION,
+    }
+
+    def build() -> nn.Module:
+        return D.prune_scene_model(teacher, amount)
+
+    def train(student: nn.Module) -> None:
+        distill_fn(teacher, student, D.training_scenes(), epochs, seed=seed)
+
+    distilled, _, _ = cached_state(f"ch08-{name}-distilled", key, build, train)
+    calibration = D.training_scenes()
+    return {
+        "fp32": teacher,
+        "int8": D.quantize_int8(teacher, calibration).eval(),
+        "pruned": build().eval(),
+        "distilled": distilled.cpu().eval(),
+        "combined": D.quantize_int8(distilled, calibration).eval(),
+    }
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, images: Tensor) -> Tensor:
     """Class indices ``argmax model(images)`` of a batch ``(N, C, H, W)`` (on the model's device)."""
@@ -290,7 +402,10 @@ __all__ = [
     "resize_images",
     "Resize",
     "at_resolution",
+    "latency_grid",
     "classifier_config",
+    "SCENE_STAGES",
+    "compress_scene_model",
     "get_classifier",
     "predict",
 ]

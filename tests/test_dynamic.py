@@ -335,18 +335,19 @@ def test_exit_loss_sums_the_exits():
 # ---------------------------------------------------------------- MiniLM exits and data
 
 
-def test_topic_dataset_splits_are_disjoint_and_balanced():
-    sizes = {}
-    phrases = {}
-    for split in ("train", "val", "test"):
-        sents, labels = d.topic_dataset(split)
-        sizes[split] = len(sents)
-        assert torch.bincount(labels).tolist() == [len(sents) // 4] * 4
-        phrases[split] = {s for s in sents}
-    assert sizes == {"train": 384, "val": 128, "test": 256}
-    assert not (phrases["train"] & phrases["test"]) and not (phrases["val"] & phrases["test"])
-    with pytest.raises(ValueError, match="split must be one of"):
-        d.topic_dataset("dev")
+def test_intent_splits_carve_a_stratified_validation_set():
+    from utils.nlp import intent_names, load_classification
+
+    splits = d.intent_splits()
+    train, _ = load_classification("train")
+    assert len(splits["train"][0]) + len(splits["val"][0]) == len(train)
+    assert not set(splits["train"][0]) & set(splits["val"][0])
+    assert splits["test"][0] == load_classification("test")[0]
+    counts = torch.bincount(splits["val"][1], minlength=len(intent_names()))
+    full = torch.bincount(torch.tensor(load_classification("train")[1]))
+    assert torch.equal(counts, full // 4), "every 4th sentence of each intent"
+    with pytest.raises(ValueError, match="val_every must be >= 2"):
+        d.intent_splits(1)
 
 
 @pytest.fixture(scope="module")

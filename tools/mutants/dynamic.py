@@ -169,10 +169,10 @@ MUTANTS = [
         "rows.append((two - one) * lengths.double().cpu())",
     ),
     Mutant(
-        "topic splits overlap",
+        "validation split not stratified",
         F,
-        '"val": (12, 16), "test": (16, 24)',
-        '"val": (12, 16), "test": (8, 16)',
+        "seen[label] % val_every == 0",
+        "len(parts['train'][0]) % val_every == 0",
     ),
     # search
     Mutant(

@@ -210,11 +210,14 @@ class TinyDetector(nn.Module):
 class TinyUNet(nn.Module):
     """A small U-Net (Ronneberger et al. 2015): per-pixel class logits ``(n, num_classes, H, W)``.
 
-    Encoder ``enc1`` (H, one 3×3 conv) → ``enc2`` (H/2, two) → ``bottleneck`` (H/4, two, the
-    second dilated); the decoder reduces the channels (1×1 conv), upsamples ×2 (nearest) and
-    concatenates the encoder map of the same size before 3×3 convs (``dec2``: two, ``dec1``:
-    one, kept thin at full resolution for speed); a 1×1 ``classifier`` ends it.
-    The concatenations are ``FloatFunctional`` so the eager static INT8 path quantizes them.
+    The image enters as ``2×2`` pixel blocks (``PixelUnshuffle``: ``(1, H, W)`` → ``(4, H/2, W/2)``,
+    lossless) and the logits leave through ``PixelShuffle`` (sub-pixel convolution, Shi et al.
+    2016), so no convolution runs at full resolution, where thin layers are slowest. In between:
+    encoder ``enc1`` (H/2) → ``enc2`` (H/4) → ``bottleneck`` (H/8), two 3×3 conv-BN-ReLU each;
+    the decoder reduces the channels (1×1 conv), upsamples ×2 (nearest) and concatenates the
+    encoder map of the same size (the skip connections) before two 3×3 convs (``dec2``,
+    ``dec1``); a 1×1 ``classifier`` gives ``4 · num_classes`` channels at H/2. The
+    concatenations are ``FloatFunctional`` so the eager static INT8 path quantizes them.
     Class 0 is the background, ``1 + d`` the digit ``d``. ``hint_layer`` names the bottleneck.
     """
 
@@ -224,15 +227,17 @@ class TinyUNet(nn.Module):
         super().__init__()
         check_int("num_classes", num_classes, minimum=2)
         _check_width(width)
-        c1, c2, c3 = _widths(width, (8, 16, 32))
-        self.enc1 = _Chain(*_cbr(1, c1))
+        c1, c2, c3 = _widths(width, (16, 32, 64))
+        self.unshuffle = nn.PixelUnshuffle(2)
+        self.enc1 = _Chain(*_cbr(4, c1), *_cbr(c1, c1))
         self.enc2 = _Chain(*_cbr(c1, c2), *_cbr(c2, c2))
-        self.bottleneck = _Chain(*_cbr(c2, c3), *_cbr(c3, c3, dilation=2))
+        self.bottleneck = _Chain(*_cbr(c2, c3), *_cbr(c3, c3))
         self.up2 = _Chain(*_cbr(c3, c2, kernel=1))
         self.dec2 = _Chain(*_cbr(2 * c2, c2), *_cbr(c2, c2))
         self.up1 = _Chain(*_cbr(c2, c1, kernel=1))
-        self.dec1 = _Chain(*_cbr(2 * c1, c1))
-        self.classifier = nn.Conv2d(c1, num_classes, 1)
+        self.dec1 = _Chain(*_cbr(2 * c1, c1), *_cbr(c1, c1))
+        self.classifier = nn.Conv2d(c1, 4 * num_classes, 1)
+        self.shuffle = nn.PixelShuffle(2)
         self.pool = nn.MaxPool2d(2)
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.cat2 = torch.ao.nn.quantized.FloatFunctional()
@@ -240,16 +245,16 @@ class TinyUNet(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         check_images(images)
-        if images.shape[-1] % 4 or images.shape[-2] % 4:
+        if images.shape[-1] % 8 or images.shape[-2] % 8:
             raise ValueError(
-                f"images must have H and W divisible by 4, got {tuple(images.shape[-2:])}"
+                f"images must have H and W divisible by 8, got {tuple(images.shape[-2:])}"
             )
-        e1 = self.enc1(images)
+        e1 = self.enc1(self.unshuffle(images))
         e2 = self.enc2(self.pool(e1))
         b = self.bottleneck(self.pool(e2))
         d2 = self.dec2(self.cat2.cat([e2, self.upsample(self.up2(b))], dim=1))
         d1 = self.dec1(self.cat1.cat([e1, self.upsample(self.up1(d2))], dim=1))
-        return self.classifier(d1)
+        return self.shuffle(self.classifier(d1))
 
     def fuse_groups(self) -> list[list[str]]:
         names = ("enc1", "enc2", "bottleneck", "up2", "dec2", "up1", "dec1")
@@ -262,9 +267,11 @@ class TinyUNet(nn.Module):
         groups = [
             ChannelGroup(f"{name}.0", [block[0]], [block[1]], [], [(block[3], 1)])
             for name, block in (
+                ("enc1", self.enc1),
                 ("enc2", self.enc2),
                 ("bottleneck", self.bottleneck),
                 ("dec2", self.dec2),
+                ("dec1", self.dec1),
             )
         ]
         readers = (("bottleneck", self.up2[0]), ("dec2", self.up1[0]), ("dec1", self.classifier))
@@ -637,6 +644,12 @@ RECIPES = {
     "full": {"scenes": 3500, "detector_epochs": 30, "segmenter_epochs": 25},
 }
 """Training data and epochs per profile (the profile is :func:`utils.config.get_profile`)."""
+LR = {"detector": 3e-3, "segmenter": 1e-2}
+"""Adam learning rate of each scene model (cosine-decayed by :func:`utils.training.fit`)."""
+BACKGROUND_WEIGHT = 0.05
+"""Weight of the background class in the segmenter's cross-entropy (digits: 1). Ink is about 4 %
+of the pixels; with equal weights a small U-Net first learns "ink of some digit" and, on the
+course's budget, never which digit (it predicts background everywhere)."""
 
 
 def training_scenes(n: int | None = None) -> SceneSet:
@@ -664,6 +677,35 @@ def detection_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return centernet_loss(model(x), y)
 
 
+def scene_model_config(name: str, width: float = 1.0, *, seed: int = 0) -> dict:
+    """The cache configuration of :func:`get_scene_model` (every field that changes the trained weights).
+
+    Put it into the key of anything derived from a trained scene model (e.g. a distilled
+    student), so that a new recipe (a bump of :data:`VERSION`) retrains that too.
+    """
+    check_choice("name", name, MODEL_NAMES)
+    _check_width(width)
+    check_int("seed", seed, minimum=0)
+    recipe = RECIPES[get_profile().name]
+    config = _train_config(name, float(width), recipe[f"{name}_epochs"], seed, LR[name])
+    if name == "segmenter":
+        config["background_weight"] = BACKGROUND_WEIGHT
+    return config
+
+
+def segmentation_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """``compute_loss`` of :func:`utils.training.fit` for a segmenter: :func:`weighted_cross_entropy`."""
+    return weighted_cross_entropy(model(x), y)
+
+
+def weighted_cross_entropy(logits: Tensor, masks: Tensor) -> Tensor:
+    """Pixel cross-entropy with class weights ``(BACKGROUND_WEIGHT, 1, …, 1)``, normalised by the weight sum
+    (``Σ_p w_{y_p} · CE_p / Σ_p w_{y_p}``, as ``F.cross_entropy(weight=…)`` does)."""
+    weight = torch.ones(logits.shape[1], device=logits.device)
+    weight[0] = BACKGROUND_WEIGHT
+    return F.cross_entropy(logits, masks, weight=weight)
+
+
 def _train_config(name: str, width: float, epochs: int, seed: int, lr: float) -> dict:
     profile = get_profile().name
     return {
@@ -684,10 +726,8 @@ def get_scene_model(
     check_choice("name", name, MODEL_NAMES)
     _check_width(width)
     check_int("seed", seed, minimum=0)
-    recipe = RECIPES[get_profile().name]
-    epochs = recipe[f"{name}_epochs"]
-    lr = 3e-3
-    config = _train_config(name, float(width), epochs, seed, lr)
+    config = scene_model_config(name, width, seed=seed)
+    epochs, lr = config["epochs"], config["lr"]
 
     def build() -> nn.Module:
         seed_everything(seed)
@@ -698,7 +738,7 @@ def get_scene_model(
         if name == "detector":
             data, loss = detector_dataset(scenes), detection_loss
         else:
-            data, loss = TensorDataset(scenes.images, scenes.masks), None
+            data, loss = TensorDataset(scenes.images, scenes.masks), segmentation_loss
         loader = make_loader(data, 32, shuffle=True, seed=seed)
         fit(model, loader, epochs=epochs, lr=lr, compute_loss=loss, progress=progress, desc=name)
 
@@ -782,7 +822,7 @@ def feature_distillation_step(
     models' ``hint_layer`` features and ``KD`` is :func:`utils.distillation.kd_loss`
     (Hinton et al. 2015, ``T²``-scaled) on the outputs: per heatmap cell as two-class
     logits for a detector, per pixel over the 11 classes for a segmenter. ``L_task``
-    is :func:`centernet_loss` (detector) or pixel cross-entropy (segmenter).
+    is :func:`centernet_loss` (detector) or :func:`weighted_cross_entropy` (segmenter).
     """
     with capture_features(teacher, [teacher.hint_layer]) as t_feat, torch.no_grad():
         t_out = teacher(x.to(device_of(teacher)))
@@ -797,7 +837,7 @@ def feature_distillation_step(
             temperature,
         )
     else:
-        task = F.cross_entropy(s_out, y)
+        task = weighted_cross_entropy(s_out, y)
         soft = kd_loss(_pixel_logits(s_out), _pixel_logits(t_out.to(x.device)), temperature)
     return task + hint_weight * hint + kd_weight * soft
 

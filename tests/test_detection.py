@@ -51,8 +51,8 @@ def test_unet_output_and_width():
     small = D.TinyUNet(width=0.5)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(small) < count(model) / 2.5
-    with pytest.raises(ValueError, match="divisible by 8"):
-        model(torch.rand(1, 1, 60, 60))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.rand(1, 1, 62, 62))
 
 
 @pytest.mark.parametrize("cls", [D.TinyDetector, D.TinyUNet])
@@ -78,6 +78,18 @@ def test_bad_model_name_and_width():
             D.get_detector(width)
         with pytest.raises(ValueError, match="width must be > 0"):
             D.TinyUNet(width=width)
+
+
+def test_init_from_detector_copies_the_backbone():
+    det, unet = D.TinyDetector(), D.TinyUNet()
+    D.init_from_detector(unet, det)
+    assert torch.equal(unet.enc1[0].weight, det.net[0][0].weight)
+    assert torch.equal(unet.bottleneck[1].running_mean, det.net[0][4].running_mean)
+    assert torch.equal(unet.bottleneck[9].weight, det.net[0][12].weight)
+    with pytest.raises(ValueError, match="same width"):
+        D.init_from_detector(D.TinyUNet(width=0.5), det)
+    with pytest.raises(TypeError, match="detector must be TinyDetector"):
+        D.init_from_detector(unet, unet)
 
 
 def test_fuse_groups_name_conv_bn_relu_runs():
@@ -452,13 +464,15 @@ def test_prune_scene_model_shrinks_and_runs(cls):
 def test_prune_keeps_the_largest_l1_channels():
     unet = D.TinyUNet()
     with torch.no_grad():
-        w = unet.enc2[0].weight
+        w = unet.bottleneck[0].weight
         w.mul_(0.01)
         w[11], w[3], w[7] = -3.0, 2.0, 1.0  # the largest L1 norms, one of them negative
+        unet.bottleneck[1].running_var.copy_(torch.arange(32.0))
     pruned = D.prune_scene_model(unet, 0.9)  # 32 channels → ⌊3.2⌋ = 3 kept, in their order
-    torch.testing.assert_close(pruned.enc2[0].weight, unet.enc2[0].weight[[3, 7, 11]])
-    torch.testing.assert_close(pruned.enc2[1].running_var, unet.enc2[1].running_var[[3, 7, 11]])
-    torch.testing.assert_close(pruned.enc2[3].weight, unet.enc2[3].weight[:, [3, 7, 11]])
+    b, p = unet.bottleneck, pruned.bottleneck
+    torch.testing.assert_close(p[0].weight, b[0].weight[[3, 7, 11]])
+    torch.testing.assert_close(p[1].running_var, torch.tensor([3.0, 7.0, 11.0]))
+    assert p[3].in_channels == 3  # the reader of the pruned channels keeps the same three
 
 
 @pytest.mark.parametrize("cls", [D.TinyDetector, D.TinyUNet])

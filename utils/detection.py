@@ -210,15 +210,16 @@ class TinyDetector(nn.Module):
 class TinyUNet(nn.Module):
     """A small U-Net (Ronneberger et al. 2015): per-pixel class logits ``(n, num_classes, H, W)``.
 
-    The image enters as ``2×2`` pixel blocks (``PixelUnshuffle``: ``(1, H, W)`` → ``(4, H/2, W/2)``,
-    lossless) and the logits leave through ``PixelShuffle`` (sub-pixel convolution, Shi et al.
-    2016), so no convolution runs at full resolution, where thin layers are slowest. In between:
-    encoder ``enc1`` (H/2) → ``enc2`` (H/4) → ``bottleneck`` (H/8), two 3×3 conv-BN-ReLU each;
-    the decoder reduces the channels (1×1 conv), upsamples ×2 (nearest) and concatenates the
-    encoder map of the same size (the skip connections) before two 3×3 convs (``dec2``,
-    ``dec1``); a 1×1 ``classifier`` gives ``4 · num_classes`` channels at H/2. The
-    concatenations are ``FloatFunctional`` so the eager static INT8 path quantizes them.
-    Class 0 is the background, ``1 + d`` the digit ``d``. ``hint_layer`` names the bottleneck.
+    Encoder: ``enc1`` (one stride-2 3×3 conv-BN-ReLU, H/2) and ``bottleneck`` (a stride-2
+    conv and three 3×3 convs, the last dilated, H/4) — the same layers as the backbone of
+    :class:`TinyDetector`, so :func:`init_from_detector` can start from a trained detector
+    (transfer learning). Decoder: a 1×1 conv reduces the channels, ×2 nearest upsampling,
+    concatenation with ``enc1``'s map (the skip connection), two 3×3 convs (``dec1``) and a
+    1×1 ``classifier`` with ``4 · num_classes`` channels that ``PixelShuffle`` (sub-pixel
+    convolution, Shi et al. 2016) turns into logits at full resolution — no convolution runs
+    at full resolution, where thin layers are slowest. The concatenation is a
+    ``FloatFunctional`` so the eager static INT8 path quantizes it. Class 0 is the
+    background, ``1 + d`` the digit ``d``. ``hint_layer`` names the bottleneck.
     """
 
     hint_layer = "bottleneck"
@@ -227,61 +228,70 @@ class TinyUNet(nn.Module):
         super().__init__()
         check_int("num_classes", num_classes, minimum=2)
         _check_width(width)
-        c1, c2, c3 = _widths(width, (16, 32, 64))
-        self.unshuffle = nn.PixelUnshuffle(2)
-        self.enc1 = _Chain(*_cbr(4, c1), *_cbr(c1, c1))
-        self.enc2 = _Chain(*_cbr(c1, c2), *_cbr(c2, c2))
-        self.bottleneck = _Chain(*_cbr(c2, c3), *_cbr(c3, c3))
-        self.up2 = _Chain(*_cbr(c3, c2, kernel=1))
-        self.dec2 = _Chain(*_cbr(2 * c2, c2), *_cbr(c2, c2))
-        self.up1 = _Chain(*_cbr(c2, c1, kernel=1))
+        c1, c2, c3 = _widths(width, (16, 32, 48))
+        self.enc1 = _Chain(*_cbr(1, c1, stride=2))
+        self.bottleneck = _Chain(
+            *_cbr(c1, c2, stride=2), *_cbr(c2, c3), *_cbr(c3, c3), *_cbr(c3, c3, dilation=2)
+        )
+        self.up1 = _Chain(*_cbr(c3, c1, kernel=1))
         self.dec1 = _Chain(*_cbr(2 * c1, c1), *_cbr(c1, c1))
         self.classifier = nn.Conv2d(c1, 4 * num_classes, 1)
         self.shuffle = nn.PixelShuffle(2)
-        self.pool = nn.MaxPool2d(2)
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
-        self.cat2 = torch.ao.nn.quantized.FloatFunctional()
-        self.cat1 = torch.ao.nn.quantized.FloatFunctional()
+        self.cat = torch.ao.nn.quantized.FloatFunctional()
 
     def forward(self, images: Tensor) -> Tensor:
         check_images(images)
-        if images.shape[-1] % 8 or images.shape[-2] % 8:
+        if images.shape[-1] % 4 or images.shape[-2] % 4:
             raise ValueError(
-                f"images must have H and W divisible by 8, got {tuple(images.shape[-2:])}"
+                f"images must have H and W divisible by 4, got {tuple(images.shape[-2:])}"
             )
-        e1 = self.enc1(self.unshuffle(images))
-        e2 = self.enc2(self.pool(e1))
-        b = self.bottleneck(self.pool(e2))
-        d2 = self.dec2(self.cat2.cat([e2, self.upsample(self.up2(b))], dim=1))
-        d1 = self.dec1(self.cat1.cat([e1, self.upsample(self.up1(d2))], dim=1))
+        e1 = self.enc1(images)
+        b = self.bottleneck(e1)
+        d1 = self.dec1(self.cat.cat([e1, self.upsample(self.up1(b))], dim=1))
         return self.shuffle(self.classifier(d1))
 
     def fuse_groups(self) -> list[list[str]]:
-        names = ("enc1", "enc2", "bottleneck", "up2", "dec2", "up1", "dec1")
+        names = ("enc1", "bottleneck", "up1", "dec1")
         return [[f"{n}.{m}" for m in g] for n in names for g in getattr(self, n).fuse_groups()]
 
     def channel_groups(self) -> list[ChannelGroup]:
-        """Channels that only one layer reads: between the two convs of a double conv, and the
-        outputs of ``bottleneck``/``dec2`` (read by a 1×1 conv) and ``dec1`` (read by the classifier).
-        The outputs of ``enc1``, ``enc2`` and of the 1×1 convs are concatenated and stay whole."""
-        groups = [
-            ChannelGroup(f"{name}.0", [block[0]], [block[1]], [], [(block[3], 1)])
-            for name, block in (
-                ("enc1", self.enc1),
-                ("enc2", self.enc2),
-                ("bottleneck", self.bottleneck),
-                ("dec2", self.dec2),
-                ("dec1", self.dec1),
-            )
-        ]
-        readers = (("bottleneck", self.up2[0]), ("dec2", self.up1[0]), ("dec1", self.classifier))
-        for name, reader in readers:
+        """Channels that only one layer reads: inside ``bottleneck`` and ``dec1``, the output of
+        ``bottleneck`` (read by the 1×1 conv) and of ``dec1`` (read by the classifier). The output
+        of ``enc1`` and of the 1×1 conv are concatenated (and read twice) and stay whole."""
+        groups = []
+        for name, reader in (("bottleneck", self.up1[0]), ("dec1", self.classifier)):
             block = getattr(self, name)
-            i = len(block) - 3
-            groups.append(
-                ChannelGroup(f"{name}.{i}", [block[i]], [block[i + 1]], [], [(reader, 1)])
-            )
+            convs = list(range(0, len(block), 3))
+            for i in convs:
+                nxt = (block[i + 3], 1) if i + 3 < len(block) else (reader, 1)
+                groups.append(ChannelGroup(f"{name}.{i}", [block[i]], [block[i + 1]], [], [nxt]))
         return groups
+
+
+def init_from_detector(unet: TinyUNet, detector: TinyDetector) -> TinyUNet:
+    """Copy the backbone of a (trained) ``detector`` into the encoder of ``unet`` (same widths); returns ``unet``.
+
+    The backbone's first conv-BN-ReLU becomes ``enc1``, the rest ``bottleneck``: the U-Net starts
+    from features that already tell the digits apart (transfer learning).
+    """
+    check_type("unet", unet, TinyUNet)
+    check_type("detector", detector, TinyDetector)
+    source = list(detector.net[0].state_dict().values())
+    target = {
+        **unet.enc1.state_dict(),
+        **{f"b.{k}": v for k, v in unet.bottleneck.state_dict().items()},
+    }
+    if [tuple(v.shape) for v in source] != [tuple(v.shape) for v in target.values()]:
+        raise ValueError(
+            "detector and unet must have the same width (their encoders differ in shape)"
+        )
+    n1 = len(unet.enc1.state_dict())
+    unet.enc1.load_state_dict(dict(zip(unet.enc1.state_dict(), source[:n1], strict=True)))
+    unet.bottleneck.load_state_dict(
+        dict(zip(unet.bottleneck.state_dict(), source[n1:], strict=True))
+    )
+    return unet
 
 
 def build_scene_model(name: str, width: float = 1.0) -> nn.Module:
@@ -690,6 +700,7 @@ def scene_model_config(name: str, width: float = 1.0, *, seed: int = 0) -> dict:
     config = _train_config(name, float(width), recipe[f"{name}_epochs"], seed, LR[name])
     if name == "segmenter":
         config["background_weight"] = BACKGROUND_WEIGHT
+        config["encoder_from"] = scene_model_config("detector", width, seed=seed)
     return config
 
 
@@ -722,7 +733,11 @@ def _train_config(name: str, width: float, epochs: int, seed: int, lr: float) ->
 def get_scene_model(
     name: str, width: float = 1.0, *, seed: int = 0, progress: bool = False
 ) -> nn.Module:
-    """A trained ``"detector"`` or ``"segmenter"`` of ``width`` (trained once, then loaded from the cache)."""
+    """A trained ``"detector"`` or ``"segmenter"`` of ``width`` (trained once, then loaded from the cache).
+
+    The segmenter's encoder starts from the trained detector's backbone (:func:`init_from_detector`),
+    then the whole U-Net is trained with :func:`weighted_cross_entropy`.
+    """
     check_choice("name", name, MODEL_NAMES)
     _check_width(width)
     check_int("seed", seed, minimum=0)
@@ -738,6 +753,7 @@ def get_scene_model(
         if name == "detector":
             data, loss = detector_dataset(scenes), detection_loss
         else:
+            init_from_detector(model, get_detector(width, seed=seed, progress=progress))
             data, loss = TensorDataset(scenes.images, scenes.masks), segmentation_loss
         loader = make_loader(data, 32, shuffle=True, seed=seed)
         fit(model, loader, epochs=epochs, lr=lr, compute_loss=loss, progress=progress, desc=name)

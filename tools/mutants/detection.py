@@ -153,8 +153,8 @@ MUTANTS = [
     Mutant(
         "pruning keeps the smallest L1 channels",
         F,
-        "keep = torch.topk(l1_channel_importance(group), kept_channels(group.channels, amount)).indices",
-        "keep = torch.topk(-l1_channel_importance(group), kept_channels(group.channels, amount)).indices",
+        "l1_channel_importance(group), kept_channels(group.channels, amount)",
+        "-l1_channel_importance(group), kept_channels(group.channels, amount)",
     ),
     Mutant(
         "distillation drops the output KD term",

@@ -35,8 +35,8 @@ MUTANTS = [
     Mutant(
         "scenes depend on n (one stream for all)",
         F,
-        "_scene(np.random.default_rng([seed, stream, i])",
-        "_scene(np.random.default_rng([seed, stream, n, i])",
+        "np.random.default_rng([seed, stream, i]),",
+        "np.random.default_rng([seed, stream, n, i]),",
     ),
     Mutant(
         "digits overwrite instead of max",

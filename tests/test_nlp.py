@@ -305,3 +305,13 @@ def test_bad_inputs_get_clear_errors(model):
     assert any("truncated" in str(w.message) for w in caught)
     with pytest.raises(ValueError, match="task"):
         nlp.evaluate_task(model, "translation")
+
+
+def test_weights_key_tracks_the_weights(model):
+    key = nlp.weights_key(model)
+    assert key == nlp.weights_key(model) and len(key) == 12
+    student = nlp.make_student(model, (0, 1))
+    assert nlp.weights_key(student) != key
+    with torch.no_grad():
+        student.encoder.layer[0].output.dense.bias[0] += 1e-3
+    assert nlp.weights_key(student) != nlp.weights_key(nlp.make_student(model, (0, 1)))

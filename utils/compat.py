@@ -164,8 +164,12 @@ def _torch_dynamic(model: nn.Module, op: Operator) -> str:
         q = torch.ao.quantization.quantize_dynamic(
             nn.Sequential(copy.deepcopy(model)).eval(), {nn.Linear}, torch.qint8
         )  # wrapped: quantize_dynamic swaps children, never the root module
-    leaves = [m for m in q.modules() if not m._modules]
-    kernel = all(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in leaves)
+    # dynamic INT8 covers Linear layers only: it works when every Linear became an INT8 one
+    # and no other float layer with weights (Conv, LayerNorm) is left
+    mods = list(q.modules())
+    dynamic = [m for m in mods if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")]
+    float_left = [m for m in mods if type(m) in (nn.Linear, nn.Conv2d, nn.LayerNorm)]
+    kernel = bool(dynamic) and not float_left
     return _run_both(q, model, op, "int8", kernel)
 
 
@@ -307,7 +311,7 @@ def run_matrix(
     for c in cols:
         check_choice("cell", c, CELLS)
     key = config_key(
-        {"versions": library_versions(), "cpu": cpu_features(), "ops": ops, "cells": cols, "v": 1}
+        {"versions": library_versions(), "cpu": cpu_features(), "ops": ops, "cells": cols, "v": 2}
     )
     path = cache_dir() / f"compat-{key}.json"
     if cache and path.exists():

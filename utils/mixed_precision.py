@@ -25,13 +25,19 @@ QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
 
 def quantizable_layers(model: nn.Module, skip: Sequence[str] = ()) -> dict[str, nn.Module]:
-    """Every ``Conv2d``/``Linear`` of ``model`` by name, in module order, except those in ``skip``."""
+    """Every ``Conv2d``/``Linear`` of ``model`` by name, in module order, except those in ``skip``;
+    a layer already wrapped in ``FakeQuantLayer`` is listed under the wrapper's name."""
     check_module("model", model)
-    return {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, QUANTIZABLE) and n not in skip and not n.endswith(".layer")
-    }
+    out: dict[str, nn.Module] = {}
+    inside: set[int] = set()
+    for n, m in model.named_modules():
+        if isinstance(m, FakeQuantLayer):
+            inside.add(id(m.layer))
+            if n not in skip:
+                out[n] = m.layer
+        elif isinstance(m, QUANTIZABLE) and id(m) not in inside and n not in skip:
+            out[n] = m
+    return out
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

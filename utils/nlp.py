@@ -323,12 +323,36 @@ def _fit_linear(x: Tensor, y: Tensor, classes: int, *, steps: int = 300) -> nn.L
     return head.eval()
 
 
-def classification_head() -> nn.Linear:
-    """The intent classifier: a linear layer on the FP32 model's sentence embeddings (cached)."""
+def weights_key(model: nn.Module) -> str:
+    """SHA-256 (12 hex digits) of a model's state dict: a cache key for what is trained on its features."""
+    import hashlib
+
+    check_module("model", model)
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        if isinstance(value, Tensor):
+            digest.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def _encoder_config(encoder: nn.Module | None) -> tuple[Encoder, str]:
+    if encoder is None:
+        return load_minilm(), "all-MiniLM-L6-v2 FP32"
+    check_module("encoder", encoder)
+    return encoder, weights_key(encoder)
+
+
+def classification_head(encoder: nn.Module | None = None) -> nn.Linear:
+    """The intent classifier: a linear layer on ``encoder``'s sentence embeddings (cached).
+
+    ``encoder`` defaults to the FP32 MiniLM; every compressed variant of it is judged
+    with that head. A distilled student gets a head fitted on its own embeddings.
+    """
+    model, key = _encoder_config(encoder)
 
     def train(head: nn.Linear) -> None:
         texts, labels = load_classification("train")
-        fitted = _fit_linear(embed(load_minilm(), texts), torch.tensor(labels), len(intent_names()))
+        fitted = _fit_linear(embed(model, texts), torch.tensor(labels), len(intent_names()))
         head.load_state_dict(fitted.state_dict())
 
     config = {
@@ -336,6 +360,7 @@ def classification_head() -> nn.Linear:
         "v": HEADS_VERSION,
         "classes": intent_names(),
         "data": data_fingerprint(),
+        "encoder": key,
     }
     head, _, _ = cached_state(
         "minilm-intent-head", config, lambda: nn.Linear(384, len(intent_names())), train
@@ -343,16 +368,23 @@ def classification_head() -> nn.Linear:
     return head.eval()
 
 
-def ner_head() -> nn.Linear:
-    """The NER tagger: a linear layer on the FP32 model's first-word-piece token states (cached)."""
+def ner_head(encoder: nn.Module | None = None) -> nn.Linear:
+    """The NER tagger: a linear layer on ``encoder``'s first-word-piece token states (cached)."""
+    model, key = _encoder_config(encoder)
 
     def train(head: nn.Linear) -> None:
         data = load_ner("train")
-        states = torch.cat(token_states(load_minilm(), [w for w, _ in data]))
+        states = torch.cat(token_states(model, [w for w, _ in data]))
         labels = torch.tensor([NER_LABELS.index(t) for _, tags in data for t in tags])
         head.load_state_dict(_fit_linear(states, labels, len(NER_LABELS)).state_dict())
 
-    config = {"task": "ner", "v": HEADS_VERSION, "labels": NER_LABELS, "data": data_fingerprint()}
+    config = {
+        "task": "ner",
+        "v": HEADS_VERSION,
+        "labels": NER_LABELS,
+        "data": data_fingerprint(),
+        "encoder": key,
+    }
     head, _, _ = cached_state(
         "minilm-ner-head", config, lambda: nn.Linear(384, len(NER_LABELS)), train
     )
@@ -360,8 +392,13 @@ def ner_head() -> nn.Linear:
 
 
 @torch.no_grad()
-def evaluate_task(model: Encoder, task: str, *, n_test: int | None = None) -> dict[str, object]:
-    """Quality of one encoder variant on one task, with the cached FP32-trained heads.
+def evaluate_task(
+    model: Encoder, task: str, *, n_test: int | None = None, heads_from: nn.Module | None = None
+) -> dict[str, object]:
+    """Quality of one encoder variant on one task, with cached linear heads.
+
+    The heads are fitted on the features of ``heads_from`` (default: the FP32 MiniLM, so a
+    quantized or pruned copy is judged as it would be deployed, with the FP32 heads).
 
     ``classification``: ``accuracy``, ``macro_f1`` (%); ``ner``: ``entity_f1`` (%);
     ``retrieval``: ``recall@1``, ``recall@5`` (%). The embeddings used are returned under
@@ -375,7 +412,7 @@ def evaluate_task(model: Encoder, task: str, *, n_test: int | None = None) -> di
         texts, labels = load_classification("test")
         texts, labels = texts[:n_test], labels[:n_test]
         emb = embed(model, texts)
-        pred = classification_head()(emb).argmax(1).tolist()
+        pred = classification_head(heads_from)(emb).argmax(1).tolist()
         return {
             "accuracy": 100 * accuracy(pred, labels),
             "macro_f1": 100 * macro_f1(pred, labels),
@@ -383,7 +420,7 @@ def evaluate_task(model: Encoder, task: str, *, n_test: int | None = None) -> di
         }
     if task == "ner":
         ner = load_ner("test")[:n_test]
-        head = ner_head()
+        head = ner_head(heads_from)
         tags = [
             [NER_LABELS[i] for i in head(s).argmax(1).tolist()]
             for s in token_states(model, [w for w, _ in ner])
@@ -398,11 +435,13 @@ def evaluate_task(model: Encoder, task: str, *, n_test: int | None = None) -> di
     }
 
 
-def evaluate_tasks(model: Encoder, *, n_test: int | None = None) -> dict[str, object]:
+def evaluate_tasks(
+    model: Encoder, *, n_test: int | None = None, heads_from: nn.Module | None = None
+) -> dict[str, object]:
     """:func:`evaluate_task` on every task of :data:`TASKS`, merged into one dict."""
     out: dict[str, object] = {"_emb": {}}
     for task in TASKS:
-        result = evaluate_task(model, task, n_test=n_test)
+        result = evaluate_task(model, task, n_test=n_test, heads_from=heads_from)
         out["_emb"].update(result.pop("_emb"))
         out.update(result)
     return out
@@ -525,13 +564,8 @@ class _StatesOnly(nn.Module):
 
 def export_onnx(model: nn.Module, name: str) -> Path:
     """Export an FP32 encoder to ``<cache>/<name>-<hash of weights>.onnx`` (dynamic batch and length), once."""
-    import hashlib
-
     check_type("name", name, str)
-    digest = hashlib.sha256()
-    for key, value in model.state_dict().items():
-        digest.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
-    path = cache_dir() / f"{name}-{digest.hexdigest()[:12]}.onnx"  # a new file for new weights
+    path = cache_dir() / f"{name}-{weights_key(model)}.onnx"  # a new file for new weights
     if not path.exists():
         example = packed_batch(2, 16)
         tmp = path.with_suffix(".tmp.onnx")

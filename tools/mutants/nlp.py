@@ -1,4 +1,8 @@
-"""Mutants of utils/nlp.py: metrics, word-piece alignment, INT8 choice, head importance and pruning, student."""
+"""Mutants of utils/nlp.py: metrics, alignment, INT8 choice, head importance and pruning, student.
+
+Not yet run through `make mutate MODULES=nlp`: the shared 2-core machine was saturated
+when this was written.
+"""
 
 from mutate import Mutant
 

@@ -1,0 +1,64 @@
+"""Mutants of ``utils/mixed_precision.py`` and ``utils/calibration_free.py``. Not yet measured
+end to end (see the chapter 9 report)."""
+
+from mutate import Mutant
+
+F = "utils/mixed_precision.py"
+Z = "utils/calibration_free.py"
+TESTS = ["tests/test_mixed_precision.py"]
+
+MUTANTS = [
+    Mutant("layers not restored", F, "            _swap(model, name, old)", "            pass"),
+    Mutant(
+        "sensitivity sign flipped",
+        F,
+        "out[name] = base - float(metric(q))",
+        "out[name] = float(metric(q)) - base",
+    ),
+    Mutant(
+        "bytes counted in bits", F, "for n, m in layers.items()) / 8", "for n, m in layers.items())"
+    ),
+    Mutant(
+        "order ignores size",
+        F,
+        "return sensitivity[name] / layers[name].weight.numel()",
+        "return sensitivity[name]",
+    ),
+    Mutant(
+        "least sensitive first",
+        F,
+        "for name in sorted(sensitivity, key=gain, reverse=True):",
+        "for name in sorted(sensitivity, key=gain):",
+    ),
+    Mutant(
+        "budget exceeded by one layer",
+        F,
+        "if weight_bytes(model, trial) <= budget_bytes:",
+        "if weight_bytes(model, bits) <= budget_bytes:",
+    ),
+    Mutant(
+        "curve upgrades one layer too many",
+        F,
+        "bits = {n: (high if i < k else low)",
+        "bits = {n: (high if i <= k else low)",
+    ),
+    Mutant(
+        "BN loss without the std term",
+        Z,
+        "            + torch.linalg.vector_norm(std - torch.sqrt(bn.running_var + bn.eps))\n",
+        "",
+    ),
+    Mutant(
+        "BN loss std vs variance",
+        Z,
+        "torch.sqrt(bn.running_var + bn.eps))\n        )",
+        "bn.running_var)\n        )",
+    ),
+    Mutant("distilled inputs never updated", Z, "            opt.step()", "            pass"),
+    Mutant(
+        "model left in train mode",
+        Z,
+        "        model.train(was_training)",
+        "        model.train(True)",
+    ),
+]

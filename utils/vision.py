@@ -352,7 +352,7 @@ def compress_scene_model(
     teacher = D.get_scene_model(name, seed=seed).cpu().eval()
     distill_fn = D.distill_detector if name == "detector" else D.distill_segmenter
     key = {
-        "teacher": D._train_config(name, 1.0, recipe[f"{name}_epochs"], seed, 3e-3),
+        "teacher": D.scene_model_config(name, seed=seed),  # a new teacher recipe re-distils
         "amount": amount,
         "epochs": epochs,
         "seed": seed,

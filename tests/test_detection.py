@@ -285,6 +285,9 @@ def test_map_per_class_mean_and_threshold_mean():
     res = D.mean_average_precision(shifted, [_gt([[0, 0, 10, 10]], [0])])
     assert res["map"] == pytest.approx(0.7) and res["map_50"] == 1.0 and res["map_75"] == 1.0
     assert D.mean_average_precision(shifted, [_gt([[0, 0, 10, 10]], [0])], [0.5])["map_75"] == -1.0
+    loose = [_pred([[0, 0, 10, 5.2]], [0.9], [0])]  # IoU 0.52: a match at 0.50 only
+    res = D.mean_average_precision(loose, [_gt([[0, 0, 10, 10]], [0])])
+    assert res["map_50"] == 1.0 and res["map_75"] == 0.0 and res["map"] == pytest.approx(0.1)
 
 
 def _random_case(seed: int, images: int = 25):

@@ -80,6 +80,18 @@ def test_bad_model_name_and_width():
             D.TinyUNet(width=width)
 
 
+def test_init_from_detector_copies_the_backbone():
+    det, unet = D.TinyDetector(), D.TinyUNet()
+    D.init_from_detector(unet, det)
+    assert torch.equal(unet.enc1[0].weight, det.net[0][0].weight)
+    assert torch.equal(unet.bottleneck[1].running_mean, det.net[0][4].running_mean)
+    assert torch.equal(unet.bottleneck[9].weight, det.net[0][12].weight)
+    with pytest.raises(ValueError, match="same width"):
+        D.init_from_detector(D.TinyUNet(width=0.5), det)
+    with pytest.raises(TypeError, match="detector must be TinyDetector"):
+        D.init_from_detector(unet, unet)
+
+
 def test_fuse_groups_name_conv_bn_relu_runs():
     det, unet = D.TinyDetector(), D.TinyUNet()
     assert det.fuse_groups()[0] == ["net.0.0", "net.0.1", "net.0.2"]
@@ -109,6 +121,9 @@ def test_centernet_targets_hand_checked():
     assert t[14].sum() == 2
     sigma = 4.0 / 6  # σ = (w/R)/6
     assert t[3, 4, 5].item() == pytest.approx(math.exp(-1 / (2 * sigma**2)), rel=1e-5)
+    sx, sy = 4.5 / 6, 3.5 / 6  # the 18 × 14 box: σ per axis
+    assert t[7, 4, 10].item() == pytest.approx(math.exp(-1 / (2 * sx**2)), rel=1e-5)
+    assert t[7, 5, 9].item() == pytest.approx(math.exp(-1 / (2 * sy**2)), rel=1e-5)
 
 
 def test_focal_loss_matches_the_formula():
@@ -449,13 +464,15 @@ def test_prune_scene_model_shrinks_and_runs(cls):
 def test_prune_keeps_the_largest_l1_channels():
     unet = D.TinyUNet()
     with torch.no_grad():
-        w = unet.enc2[0].weight
+        w = unet.bottleneck[0].weight
         w.mul_(0.01)
         w[11], w[3], w[7] = -3.0, 2.0, 1.0  # the largest L1 norms, one of them negative
-    pruned = D.prune_scene_model(unet, 0.8)  # 16 channels → ⌊3.2⌋ = 3 kept, in their order
-    torch.testing.assert_close(pruned.enc2[0].weight, unet.enc2[0].weight[[3, 7, 11]])
-    torch.testing.assert_close(pruned.enc2[1].running_var, unet.enc2[1].running_var[[3, 7, 11]])
-    torch.testing.assert_close(pruned.enc2[3].weight, unet.enc2[3].weight[:, [3, 7, 11]])
+        unet.bottleneck[1].running_var.copy_(torch.arange(32.0))
+    pruned = D.prune_scene_model(unet, 0.9)  # 32 channels → ⌊3.2⌋ = 3 kept, in their order
+    b, p = unet.bottleneck, pruned.bottleneck
+    torch.testing.assert_close(p[0].weight, b[0].weight[[3, 7, 11]])
+    torch.testing.assert_close(p[1].running_var, torch.tensor([3.0, 7.0, 11.0]))
+    assert p[3].in_channels == 3  # the reader of the pruned channels keeps the same three
 
 
 @pytest.mark.parametrize("cls", [D.TinyDetector, D.TinyUNet])
@@ -517,3 +534,41 @@ def test_distill_trains_the_student_only(task, one_thread):
         fn(teacher, nn.Linear(2, 2), scenes, 1)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         fn(teacher, student, scenes, 1, temperature=0.0)
+
+
+def test_weighted_cross_entropy_down_weights_background():
+    logits = torch.zeros(1, 11, 1, 2)
+    logits[0, 0, 0, 0] = 2.0  # pixel 0: background, confident; pixel 1: digit 3, uniform logits
+    masks = torch.tensor([[[0, 4]]])
+    ce = nn.functional.cross_entropy(logits, masks, reduction="none")[0, 0]
+    w = D.BACKGROUND_WEIGHT
+    expected = (w * ce[0] + ce[1]) / (w + 1)
+    assert D.weighted_cross_entropy(logits, masks).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
+    assert 0 < w < 0.5
+
+
+def test_scene_model_config_is_the_cache_key():
+    det, seg = D.scene_model_config("detector"), D.scene_model_config("segmenter", 0.5, seed=1)
+    assert (
+        det["model"] == "detector" and det["lr"] == D.LR["detector"] and det["version"] == D.VERSION
+    )
+    assert (
+        seg["width"] == 0.5 and seg["seed"] == 1 and seg["background_weight"] == D.BACKGROUND_WEIGHT
+    )
+    assert det["epochs"] == D.RECIPES["fast"]["detector_epochs"]
+    with pytest.raises(ValueError, match="name must be one of"):
+        D.scene_model_config("classifier")
+
+
+def test_int8_detector_keeps_map50_within_two_points():
+    """The trained detector (cached; trained once if missing) survives static INT8 on held-out scenes."""
+    model = D.get_detector()
+    test = make_scenes(100, seed=11, split="test")
+    fp32 = D.evaluate_detector(model, test)["map_50"]
+    int8 = D.evaluate_detector(D.quantize_int8(model, D.training_scenes(200)), test)["map_50"]
+    assert fp32 >= 0.75, f"the trained detector should reach mAP@0.5 >= 0.75, got {fp32:.3f}"
+    assert int8 >= fp32 - 0.02, (
+        f"INT8 mAP@0.5 {int8:.3f} is more than 2 points below FP32 {fp32:.3f}"
+    )

@@ -160,6 +160,16 @@ def test_recalibrated_statistics_are_the_mean_of_batch_statistics():
     got_mean, got_var = net.bn1.calibrated[c1]
     torch.testing.assert_close(got_mean, mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_var, var, rtol=1e-5, atol=1e-5)
+    # the second BN sees the first one's output normalised with the *batch* statistics, as in training
+    c2 = net.active()[1]
+    with torch.no_grad():
+        h2 = []
+        for h in hs:
+            z = F.batch_norm(h, None, None, net.bn1.weight[:c1], net.bn1.bias[:c1], True, 0.0, 1e-5)
+            h2.append(F.conv2d(F.max_pool2d(F.relu(z), 2), net.conv2.weight[:c2, :c1], None, 1, 1))
+    torch.testing.assert_close(
+        net.bn2.calibrated[c2][0], sum(h.mean((0, 2, 3)) for h in h2) / 2, rtol=1e-4, atol=1e-5
+    )
     # eval mode now normalises with them
     with torch.no_grad():
         h = net.bn1(hs[0])
@@ -325,18 +335,19 @@ def test_exit_loss_sums_the_exits():
 # ---------------------------------------------------------------- MiniLM exits and data
 
 
-def test_topic_dataset_splits_are_disjoint_and_balanced():
-    sizes = {}
-    phrases = {}
-    for split in ("train", "val", "test"):
-        sents, labels = d.topic_dataset(split)
-        sizes[split] = len(sents)
-        assert torch.bincount(labels).tolist() == [len(sents) // 4] * 4
-        phrases[split] = {s for s in sents}
-    assert sizes == {"train": 384, "val": 128, "test": 256}
-    assert not (phrases["train"] & phrases["test"]) and not (phrases["val"] & phrases["test"])
-    with pytest.raises(ValueError, match="split must be one of"):
-        d.topic_dataset("dev")
+def test_intent_splits_carve_a_stratified_validation_set():
+    from utils.nlp import intent_names, load_classification
+
+    splits = d.intent_splits()
+    train, _ = load_classification("train")
+    assert len(splits["train"][0]) + len(splits["val"][0]) == len(train)
+    assert not set(splits["train"][0]) & set(splits["val"][0])
+    assert splits["test"][0] == load_classification("test")[0]
+    counts = torch.bincount(splits["val"][1], minlength=len(intent_names()))
+    full = torch.bincount(torch.tensor(load_classification("train")[1]))
+    assert torch.equal(counts, full // 4), "every 4th sentence of each intent"
+    with pytest.raises(ValueError, match="val_every must be >= 2"):
+        d.intent_splits(1)
 
 
 @pytest.fixture(scope="module")

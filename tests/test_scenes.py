@@ -27,6 +27,11 @@ def test_shapes_and_ranges(scenes):
         assert set(mask.unique().tolist()) <= {0, *(1 + labels).tolist()}
 
 
+def test_ink_and_mask_agree(scenes):
+    """Digits are combined by maximum: a pixel is ink exactly where some digit's mask is."""
+    assert torch.equal(scenes.images[:, 0] >= INK, scenes.masks > 0)
+
+
 def test_more_digits_appear_up_to_max(scenes):
     counts = {len(lab) for lab in scenes.labels}
     assert counts == {1, 2, 3}

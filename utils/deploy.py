@@ -174,6 +174,20 @@ class OrtCalibrationReader:
 
 
 # ----------------------------------------------------------------- artefacts
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Only errors of the logger ``name`` (``""``: the root logger) inside the block."""
+    import logging
+
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _version(package: str) -> str:
     try:
         return f"{package} {importlib.metadata.version(package)}"
@@ -391,16 +405,17 @@ def _onnxrt_int8(ctx: _Context) -> Runner:
     _ort_session(ctx.onnx_path(name), "basic", folded)  # BN folded into Conv before quantising
     out = ctx.workdir / "model-int8.onnx"
     input_name = _ort_session(folded, "disable").get_inputs()[0].name
-    q.quantize_static(
-        str(folded),
-        str(out),
-        OrtCalibrationReader(input_name, calib),
-        quant_format=q.QuantFormat.QDQ,
-        per_channel=True,
-        weight_type=q.QuantType.QInt8,
-        activation_type=q.QuantType.QUInt8,
-        calibrate_method=q.CalibrationMethod.MinMax,
-    )
+    with _quiet_logger(""):  # the quantizer's advice to pre-process goes to the root logger
+        q.quantize_static(
+            str(folded),
+            str(out),
+            OrtCalibrationReader(input_name, calib),
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=q.QuantType.QInt8,
+            activation_type=q.QuantType.QUInt8,
+            calibrate_method=q.CalibrationMethod.MinMax,
+        )
     session = _ort_session(out, "all")
     return Runner(
         name,
@@ -615,7 +630,8 @@ def _executorch(ctx: _Context) -> Runner:
             methods[batch] = runtime.load_program(str(path)).load_method("forward")
         return methods[batch]
 
-    method(ctx.example.shape[0])  # lower now, so a failure shows here and not in a timing
+    with _quiet_native_stderr():  # XNNPACK probes the CPU on first use
+        method(ctx.example.shape[0])  # lower now, so a failure shows here and not in a timing
 
     def run(x: Tensor) -> Tensor:
         return method(x.shape[0]).execute([x])[0]
@@ -640,7 +656,8 @@ def coreml_convert(model: nn.Module, example: Tensor, path: str | Path) -> int:
     """
     check_module("model", model)
     check_tensor("example", example)
-    ct = _require("coreml", "coremltools")
+    with _quiet_logger("coremltools"):  # it warns about untested torch/sklearn versions
+        ct = _require("coreml", "coremltools")
     try:
         with (
             warnings.catch_warnings(),
@@ -648,7 +665,8 @@ def coreml_convert(model: nn.Module, example: Tensor, path: str | Path) -> int:
             contextlib.redirect_stderr(io.StringIO()),
         ):
             warnings.simplefilter("ignore")
-            ep = torch.export.export(model.eval(), (example,)).run_decompositions({})
+            net = copy.deepcopy(model).eval()
+            ep = torch.export.export(net, (example,)).run_decompositions({})
             ct.convert(ep, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17).save(
                 str(path)
             )

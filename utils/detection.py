@@ -210,12 +210,16 @@ class TinyDetector(nn.Module):
 class TinyUNet(nn.Module):
     """A small U-Net (Ronneberger et al. 2015): per-pixel class logits ``(n, num_classes, H, W)``.
 
-    Encoder ``enc1`` (H, one 3×3 conv) → ``enc2`` (H/2, two) → ``bottleneck`` (H/4, two, the
-    second dilated); the decoder reduces the channels (1×1 conv), upsamples ×2 (nearest) and
-    concatenates the encoder map of the same size before 3×3 convs (``dec2``: two, ``dec1``:
-    one, kept thin at full resolution for speed); a 1×1 ``classifier`` ends it.
-    The concatenations are ``FloatFunctional`` so the eager static INT8 path quantizes them.
-    Class 0 is the background, ``1 + d`` the digit ``d``. ``hint_layer`` names the bottleneck.
+    Encoder: ``enc1`` (one stride-2 3×3 conv-BN-ReLU, H/2) and ``bottleneck`` (a stride-2
+    conv and three 3×3 convs, the last dilated, H/4) — the same layers as the backbone of
+    :class:`TinyDetector`, so :func:`init_from_detector` can start from a trained detector
+    (transfer learning). Decoder: a 1×1 conv reduces the channels, ×2 nearest upsampling,
+    concatenation with ``enc1``'s map (the skip connection), two 3×3 convs (``dec1``) and a
+    1×1 ``classifier`` with ``4 · num_classes`` channels that ``PixelShuffle`` (sub-pixel
+    convolution, Shi et al. 2016) turns into logits at full resolution — no convolution runs
+    at full resolution, where thin layers are slowest. The concatenation is a
+    ``FloatFunctional`` so the eager static INT8 path quantizes it. Class 0 is the
+    background, ``1 + d`` the digit ``d``. ``hint_layer`` names the bottleneck.
     """
 
     hint_layer = "bottleneck"
@@ -224,19 +228,17 @@ class TinyUNet(nn.Module):
         super().__init__()
         check_int("num_classes", num_classes, minimum=2)
         _check_width(width)
-        c1, c2, c3 = _widths(width, (8, 16, 32))
-        self.enc1 = _Chain(*_cbr(1, c1))
-        self.enc2 = _Chain(*_cbr(c1, c2), *_cbr(c2, c2))
-        self.bottleneck = _Chain(*_cbr(c2, c3), *_cbr(c3, c3, dilation=2))
-        self.up2 = _Chain(*_cbr(c3, c2, kernel=1))
-        self.dec2 = _Chain(*_cbr(2 * c2, c2), *_cbr(c2, c2))
-        self.up1 = _Chain(*_cbr(c2, c1, kernel=1))
-        self.dec1 = _Chain(*_cbr(2 * c1, c1))
-        self.classifier = nn.Conv2d(c1, num_classes, 1)
-        self.pool = nn.MaxPool2d(2)
+        c1, c2, c3 = _widths(width, (16, 32, 48))
+        self.enc1 = _Chain(*_cbr(1, c1, stride=2))
+        self.bottleneck = _Chain(
+            *_cbr(c1, c2, stride=2), *_cbr(c2, c3), *_cbr(c3, c3), *_cbr(c3, c3, dilation=2)
+        )
+        self.up1 = _Chain(*_cbr(c3, c1, kernel=1))
+        self.dec1 = _Chain(*_cbr(2 * c1, c1), *_cbr(c1, c1))
+        self.classifier = nn.Conv2d(c1, 4 * num_classes, 1)
+        self.shuffle = nn.PixelShuffle(2)
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
-        self.cat2 = torch.ao.nn.quantized.FloatFunctional()
-        self.cat1 = torch.ao.nn.quantized.FloatFunctional()
+        self.cat = torch.ao.nn.quantized.FloatFunctional()
 
     def forward(self, images: Tensor) -> Tensor:
         check_images(images)
@@ -245,36 +247,51 @@ class TinyUNet(nn.Module):
                 f"images must have H and W divisible by 4, got {tuple(images.shape[-2:])}"
             )
         e1 = self.enc1(images)
-        e2 = self.enc2(self.pool(e1))
-        b = self.bottleneck(self.pool(e2))
-        d2 = self.dec2(self.cat2.cat([e2, self.upsample(self.up2(b))], dim=1))
-        d1 = self.dec1(self.cat1.cat([e1, self.upsample(self.up1(d2))], dim=1))
-        return self.classifier(d1)
+        b = self.bottleneck(e1)
+        d1 = self.dec1(self.cat.cat([e1, self.upsample(self.up1(b))], dim=1))
+        return self.shuffle(self.classifier(d1))
 
     def fuse_groups(self) -> list[list[str]]:
-        names = ("enc1", "enc2", "bottleneck", "up2", "dec2", "up1", "dec1")
+        names = ("enc1", "bottleneck", "up1", "dec1")
         return [[f"{n}.{m}" for m in g] for n in names for g in getattr(self, n).fuse_groups()]
 
     def channel_groups(self) -> list[ChannelGroup]:
-        """Channels that only one layer reads: between the two convs of a double conv, and the
-        outputs of ``bottleneck``/``dec2`` (read by a 1×1 conv) and ``dec1`` (read by the classifier).
-        The outputs of ``enc1``, ``enc2`` and of the 1×1 convs are concatenated and stay whole."""
-        groups = [
-            ChannelGroup(f"{name}.0", [block[0]], [block[1]], [], [(block[3], 1)])
-            for name, block in (
-                ("enc2", self.enc2),
-                ("bottleneck", self.bottleneck),
-                ("dec2", self.dec2),
-            )
-        ]
-        readers = (("bottleneck", self.up2[0]), ("dec2", self.up1[0]), ("dec1", self.classifier))
-        for name, reader in readers:
+        """Channels that only one layer reads: inside ``bottleneck`` and ``dec1``, the output of
+        ``bottleneck`` (read by the 1×1 conv) and of ``dec1`` (read by the classifier). The output
+        of ``enc1`` and of the 1×1 conv are concatenated (and read twice) and stay whole."""
+        groups = []
+        for name, reader in (("bottleneck", self.up1[0]), ("dec1", self.classifier)):
             block = getattr(self, name)
-            i = len(block) - 3
-            groups.append(
-                ChannelGroup(f"{name}.{i}", [block[i]], [block[i + 1]], [], [(reader, 1)])
-            )
+            convs = list(range(0, len(block), 3))
+            for i in convs:
+                nxt = (block[i + 3], 1) if i + 3 < len(block) else (reader, 1)
+                groups.append(ChannelGroup(f"{name}.{i}", [block[i]], [block[i + 1]], [], [nxt]))
         return groups
+
+
+def init_from_detector(unet: TinyUNet, detector: TinyDetector) -> TinyUNet:
+    """Copy the backbone of a (trained) ``detector`` into the encoder of ``unet`` (same widths); returns ``unet``.
+
+    The backbone's first conv-BN-ReLU becomes ``enc1``, the rest ``bottleneck``: the U-Net starts
+    from features that already tell the digits apart (transfer learning).
+    """
+    check_type("unet", unet, TinyUNet)
+    check_type("detector", detector, TinyDetector)
+    source = list(detector.net[0].state_dict().values())
+    target = {
+        **unet.enc1.state_dict(),
+        **{f"b.{k}": v for k, v in unet.bottleneck.state_dict().items()},
+    }
+    if [tuple(v.shape) for v in source] != [tuple(v.shape) for v in target.values()]:
+        raise ValueError(
+            "detector and unet must have the same width (their encoders differ in shape)"
+        )
+    n1 = len(unet.enc1.state_dict())
+    unet.enc1.load_state_dict(dict(zip(unet.enc1.state_dict(), source[:n1], strict=True)))
+    unet.bottleneck.load_state_dict(
+        dict(zip(unet.bottleneck.state_dict(), source[n1:], strict=True))
+    )
+    return unet
 
 
 def build_scene_model(name: str, width: float = 1.0) -> nn.Module:
@@ -637,6 +654,12 @@ RECIPES = {
     "full": {"scenes": 3500, "detector_epochs": 30, "segmenter_epochs": 25},
 }
 """Training data and epochs per profile (the profile is :func:`utils.config.get_profile`)."""
+LR = {"detector": 3e-3, "segmenter": 1e-2}
+"""Adam learning rate of each scene model (cosine-decayed by :func:`utils.training.fit`)."""
+BACKGROUND_WEIGHT = 0.05
+"""Weight of the background class in the segmenter's cross-entropy (digits: 1). Ink is about 4 %
+of the pixels; with equal weights a small U-Net first learns "ink of some digit" and, on the
+course's budget, never which digit (it predicts background everywhere)."""
 
 
 def training_scenes(n: int | None = None) -> SceneSet:
@@ -664,6 +687,36 @@ def detection_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return centernet_loss(model(x), y)
 
 
+def scene_model_config(name: str, width: float = 1.0, *, seed: int = 0) -> dict:
+    """The cache configuration of :func:`get_scene_model` (every field that changes the trained weights).
+
+    Put it into the key of anything derived from a trained scene model (e.g. a distilled
+    student), so that a new recipe (a bump of :data:`VERSION`) retrains that too.
+    """
+    check_choice("name", name, MODEL_NAMES)
+    _check_width(width)
+    check_int("seed", seed, minimum=0)
+    recipe = RECIPES[get_profile().name]
+    config = _train_config(name, float(width), recipe[f"{name}_epochs"], seed, LR[name])
+    if name == "segmenter":
+        config["background_weight"] = BACKGROUND_WEIGHT
+        config["encoder_from"] = scene_model_config("detector", width, seed=seed)
+    return config
+
+
+def segmentation_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """``compute_loss`` of :func:`utils.training.fit` for a segmenter: :func:`weighted_cross_entropy`."""
+    return weighted_cross_entropy(model(x), y)
+
+
+def weighted_cross_entropy(logits: Tensor, masks: Tensor) -> Tensor:
+    """Pixel cross-entropy with class weights ``(BACKGROUND_WEIGHT, 1, …, 1)``, normalised by the weight sum
+    (``Σ_p w_{y_p} · CE_p / Σ_p w_{y_p}``, as ``F.cross_entropy(weight=…)`` does)."""
+    weight = torch.ones(logits.shape[1], device=logits.device)
+    weight[0] = BACKGROUND_WEIGHT
+    return F.cross_entropy(logits, masks, weight=weight)
+
+
 def _train_config(name: str, width: float, epochs: int, seed: int, lr: float) -> dict:
     profile = get_profile().name
     return {
@@ -680,14 +733,16 @@ def _train_config(name: str, width: float, epochs: int, seed: int, lr: float) ->
 def get_scene_model(
     name: str, width: float = 1.0, *, seed: int = 0, progress: bool = False
 ) -> nn.Module:
-    """A trained ``"detector"`` or ``"segmenter"`` of ``width`` (trained once, then loaded from the cache)."""
+    """A trained ``"detector"`` or ``"segmenter"`` of ``width`` (trained once, then loaded from the cache).
+
+    The segmenter's encoder starts from the trained detector's backbone (:func:`init_from_detector`),
+    then the whole U-Net is trained with :func:`weighted_cross_entropy`.
+    """
     check_choice("name", name, MODEL_NAMES)
     _check_width(width)
     check_int("seed", seed, minimum=0)
-    recipe = RECIPES[get_profile().name]
-    epochs = recipe[f"{name}_epochs"]
-    lr = 3e-3
-    config = _train_config(name, float(width), epochs, seed, lr)
+    config = scene_model_config(name, width, seed=seed)
+    epochs, lr = config["epochs"], config["lr"]
 
     def build() -> nn.Module:
         seed_everything(seed)
@@ -698,7 +753,8 @@ def get_scene_model(
         if name == "detector":
             data, loss = detector_dataset(scenes), detection_loss
         else:
-            data, loss = TensorDataset(scenes.images, scenes.masks), None
+            init_from_detector(model, get_detector(width, seed=seed, progress=progress))
+            data, loss = TensorDataset(scenes.images, scenes.masks), segmentation_loss
         loader = make_loader(data, 32, shuffle=True, seed=seed)
         fit(model, loader, epochs=epochs, lr=lr, compute_loss=loss, progress=progress, desc=name)
 
@@ -782,7 +838,7 @@ def feature_distillation_step(
     models' ``hint_layer`` features and ``KD`` is :func:`utils.distillation.kd_loss`
     (Hinton et al. 2015, ``T²``-scaled) on the outputs: per heatmap cell as two-class
     logits for a detector, per pixel over the 11 classes for a segmenter. ``L_task``
-    is :func:`centernet_loss` (detector) or pixel cross-entropy (segmenter).
+    is :func:`centernet_loss` (detector) or :func:`weighted_cross_entropy` (segmenter).
     """
     with capture_features(teacher, [teacher.hint_layer]) as t_feat, torch.no_grad():
         t_out = teacher(x.to(device_of(teacher)))
@@ -797,7 +853,7 @@ def feature_distillation_step(
             temperature,
         )
     else:
-        task = F.cross_entropy(s_out, y)
+        task = weighted_cross_entropy(s_out, y)
         soft = kd_loss(_pixel_logits(s_out), _pixel_logits(t_out.to(x.device)), temperature)
     return task + hint_weight * hint + kd_weight * soft
 

@@ -744,144 +744,32 @@ def fit_exit_heads(
     return model.eval()
 
 
-# ---------------------------------------------------------------- a labelled sentence set
-
-TOPICS = ("sport", "food", "weather", "technology")
-_TEMPLATES = (
-    "My friend keeps talking about {}.",
-    "I spent the whole afternoon thinking about {}.",
-    "There was a long article on {} in today's paper.",
-    "We argued about {} all evening.",
-    "She asked me a question about {}.",
-    "Nobody at work seems to care about {}.",
-    "The podcast this week was all about {}.",
-    "He wrote a short essay on {}.",
-)
-_FILLERS = {
-    "sport": (
-        "the final score of the football match",
-        "a new marathon record",
-        "the tennis tournament",
-        "the goalkeeper's mistake",
-        "last night's basketball game",
-        "the cycling race in the mountains",
-        "the swimming championship",
-        "the coach who was fired",
-        "the referee's controversial decision",
-        "the rugby team's new captain",
-        "the ski jumping competition",
-        "the boxing match in Las Vegas",
-        "the baseball season",
-        "the Olympic sprint final",
-        "the golf player who won again",
-        "the hockey playoffs",
-        "the chess world championship",
-        "the volleyball league",
-        "the penalty shootout",
-        "the transfer of a star striker",
-        "the badminton doubles final",
-        "the climbing wall at the gym",
-        "the rowing regatta",
-        "the table tennis club",
-    ),
-    "food": (
-        "the best way to bake sourdough bread",
-        "a spicy noodle soup",
-        "the new sushi restaurant",
-        "grandmother's apple pie",
-        "how to grill vegetables",
-        "the cheese market in town",
-        "a recipe for tomato sauce",
-        "the price of olive oil",
-        "homemade dumplings",
-        "the chocolate cake at the wedding",
-        "fermenting kimchi at home",
-        "the taste of fresh mangoes",
-        "the vegetarian burger",
-        "roasting coffee beans",
-        "the street food festival",
-        "a curry with too much chili",
-        "the perfect omelette",
-        "the bakery's croissants",
-        "slow-cooked beef stew",
-        "the ice cream shop by the beach",
-        "pickled cucumbers",
-        "the lunch menu at school",
-        "a salad with goat cheese",
-        "pancakes with maple syrup",
-    ),
-    "weather": (
-        "the storm that hit the coast",
-        "how hot this summer has been",
-        "the heavy snowfall last week",
-        "the forecast for the weekend",
-        "the fog over the river this morning",
-        "a week of endless rain",
-        "the hurricane season",
-        "the drought in the south",
-        "the thunderstorm at midnight",
-        "the first frost of the year",
-        "the strong winds in the harbour",
-        "the heatwave in July",
-        "the humidity in the tropics",
-        "the hail that damaged the cars",
-        "a cold front moving east",
-        "the rainbow after the shower",
-        "the flood warnings",
-        "the mild winter",
-        "the temperature dropping below zero",
-        "the cloudy sky all week",
-        "the monsoon rains",
-        "the icy roads this morning",
-        "the dry desert air",
-        "the sunny spell in April",
-    ),
-    "technology": (
-        "the new smartphone release",
-        "a bug in the operating system",
-        "the latest graphics card",
-        "how neural networks are trained",
-        "the battery life of laptops",
-        "a faster internet connection",
-        "the security flaw in the router",
-        "cloud storage prices",
-        "the open-source compiler",
-        "a robot vacuum cleaner",
-        "the electric car's software update",
-        "quantum computers",
-        "the password manager",
-        "the database that crashed",
-        "wireless earbuds",
-        "the programming language Rust",
-        "a virtual reality headset",
-        "solar panels on the roof",
-        "the new processor architecture",
-        "the smart watch",
-        "a printer that never works",
-        "the search engine's new features",
-        "the video streaming app",
-        "3D printing at home",
-    ),
-}
+# ---------------------------------------------------------------- the intent set of chapter 7
 
 
-def topic_dataset(split: str) -> tuple[list[str], Tensor]:
-    """A small labelled topic set written for this course: ``(sentences, labels)`` of one split.
+def intent_splits(val_every: int = 4) -> dict[str, tuple[list[str], Tensor]]:
+    """Chapter 7's intent set (``data/nlp``, :func:`utils.nlp.load_classification`) as train/val/test.
 
-    Four topics (:data:`TOPICS`), 24 topic phrases each, placed in 8 topic-neutral templates.
-    The splits use disjoint phrases — 12 for ``"train"``, 4 for ``"val"``, 8 for ``"test"`` per
-    topic — so a classifier must generalise to unseen phrases, not memorise them
-    (384 / 128 / 256 sentences).
+    The set has a training and a test split only; thresholds must be chosen on data the
+    heads were not trained on, so every ``val_every``-th sentence of each intent in the
+    training split becomes the validation split (stratified, deterministic). Returns
+    ``{"train" | "val" | "test": (sentences, labels)}``.
     """
-    check_choice("split", split, ("train", "val", "test"))
-    lo, hi = {"train": (0, 12), "val": (12, 16), "test": (16, 24)}[split]
-    sentences, labels = [], []
-    for label, topic in enumerate(TOPICS):
-        for phrase in _FILLERS[topic][lo:hi]:
-            for template in _TEMPLATES:
-                sentences.append(template.format(phrase))
-                labels.append(label)
-    return sentences, torch.tensor(labels)
+    from utils.nlp import load_classification
+
+    check_int("val_every", val_every, minimum=2)
+    texts, labels = load_classification("train")
+    seen: dict[int, int] = {}
+    parts: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "val": ([], [])}
+    for text, label in zip(texts, labels, strict=True):
+        seen[label] = seen.get(label, 0) + 1
+        part = parts["val" if seen[label] % val_every == 0 else "train"]
+        part[0].append(text)
+        part[1].append(label)
+    test_texts, test_labels = load_classification("test")
+    out = {name: (t, torch.tensor(y)) for name, (t, y) in parts.items()}
+    out["test"] = (test_texts, torch.tensor(test_labels))
+    return out
 
 
 # ---------------------------------------------------------------- trained once, cached

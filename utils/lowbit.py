@@ -231,6 +231,7 @@ class LQQuantizer(nn.Module):
     In training mode every forward pass runs one QEM step on the current weights and
     moves the basis there with a moving average, ``v ← (1-γ)·v + γ·v*`` (γ =
     ``momentum``, the paper's running update); gradients pass straight through.
+    One basis per tensor here; the paper learns one per output channel of a weight.
     """
 
     def __init__(self, bits: int, momentum: float = 0.1) -> None:

@@ -149,8 +149,7 @@ def draw_dataflow(
     """Draw snapshots of the wavefront of an ``M × K`` by ``K × N`` product on ``axes`` (one per cycle).
 
     Each panel is the ``K × N`` array at one cycle: a filled cell multiplies a real
-    input, its label ``a[m,k]`` says which. Arrows show activations moving right
-    and partial sums moving down.
+    input, its label ``a[m,k]`` says which (activations move right, partial sums down).
     """
     from matplotlib.patches import Rectangle
 
@@ -172,5 +171,5 @@ def draw_dataflow(
                 ax.add_patch(Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, color=color))
                 if on:
                     ax.text(j, i, f"a[{t - i - j},{i}]", ha="center", va="center", fontsize=7)
-        ax.annotate("", xy=(n - 0.5, -0.62), xytext=(-0.5, -0.62), arrowprops={"arrowstyle": "->"})
+        ax.set_xlabel("a moves right, psum moves down", fontsize=7)
         ax.set_title(f"cycle {t}", fontsize=9)

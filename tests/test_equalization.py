@@ -308,3 +308,21 @@ def test_correct_bias_removes_the_mean_error():
         correct_bias(model, batches)
     with pytest.raises(ValueError, match="no batch"):
         correct_bias(q, [], 4)
+
+
+def test_relu_conv_pairs_rejects_a_relu_plus_another_activation():
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Sigmoid(), nn.Conv2d(2, 2, 1))
+    assert relu_conv_pairs(net) == []
+
+
+def test_smooth_linears_group_uses_the_largest_weight_of_the_group():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Identity(), nn.Linear(4, 2), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].weight.mul_(10.0)
+    ranges = {"1": torch.ones(4) * 4.0, "2": torch.ones(4) * 4.0}
+    smoothed = smooth_linears(model, [["1", "2"]], ranges, alpha=0.5)
+    w = torch.maximum(weight_input_absmax(model[1].weight), weight_input_absmax(model[2].weight))
+    want = smoothing_scales(ranges["1"], w, 0.5)
+    assert torch.allclose(1.0 / smoothed[1].inv_scale, want)
+    assert torch.allclose(1.0 / smoothed[2].inv_scale, want)

@@ -150,3 +150,19 @@ def test_distill_inputs_matches_bn_statistics():
         distill_inputs(net, (1, 0, 12))
     with pytest.raises(ValueError, match="num"):
         distill_inputs(net, (1, 12, 12), num=1)
+
+
+def test_choose_bits_ranks_by_sensitivity_per_byte():
+    model = mlp()  # layer "0": 256 weights, layer "2": 128 weights
+    budget = weight_bytes(model, {"0": 8, "2": 4})  # room for "0" or "2" at 8 bits, not both
+    # "0" has the larger drop, "2" the larger drop per weight: "2" is upgraded first, "0" no longer fits
+    assert choose_bits(model, {"0": 3.0, "2": 2.0}, budget) == {"0": 4, "2": 8}
+    assert choose_bits(model, {"0": 3.0, "2": 1.0}, budget) == {"0": 8, "2": 4}
+
+
+def test_bn_statistics_loss_std_term_hand_checked():
+    bn = nn.BatchNorm2d(1, eps=0.0).eval()
+    bn.running_mean.fill_(2.0)
+    bn.running_var.fill_(4.0)  # running std 2; the batch [1, 3] has mean 2, std 1
+    x = torch.tensor([1.0, 3.0]).reshape(2, 1, 1, 1)
+    assert bn_statistics_loss(nn.Sequential(bn), x).item() == pytest.approx(1.0)

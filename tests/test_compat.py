@@ -70,3 +70,16 @@ def test_dynamic_int8_with_a_float_layer_left_falls_back():
     op = Operator(lambda: nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16)), (2, 16))
     torch.manual_seed(0)
     assert _torch_dynamic(op.build().eval(), op) == "falls back to float"
+
+
+def test_fast_cells_are_a_representative_subset():
+    from utils.compat import FAST_CELLS
+
+    assert set(FAST_CELLS) < set(CELLS) and len(set(FAST_CELLS)) == len(FAST_CELLS)
+    # the columns lesson 09 quotes in 表17 must be in the fast profile's matrix
+    assert {
+        "PyTorch INT8 QNNPACK",
+        "PyTorch INT8 x86 per-channel",
+        "ONNX Runtime INT8 (QDQ, per-channel)",
+    } <= set(FAST_CELLS)
+    assert any("OpenVINO" in c for c in FAST_CELLS)

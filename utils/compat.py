@@ -263,6 +263,20 @@ CELLS: dict[str, Callable[[nn.Module, Operator], str]] = {
 }
 
 
+FAST_CELLS: tuple[str, ...] = (
+    "PyTorch FP16",
+    "PyTorch INT8 x86 per-tensor",
+    "PyTorch INT8 x86 per-channel",
+    "PyTorch INT8 QNNPACK",
+    "PyTorch INT8 dynamic",
+    "ONNX Runtime INT8 (QDQ, per-channel)",
+    "OpenVINO INT8 (NNCF)",
+)
+"""A representative subset of :data:`CELLS` for the fast profile: every PyTorch INT8 engine
+family (x86 per-tensor/per-channel, QNNPACK, dynamic) plus one INT8 path each of ONNX Runtime
+and OpenVINO. The exported backends cost seconds per cell; the full profile runs all of CELLS."""
+
+
 def run_cell(operator: str, cell: str) -> str:
     """Run one cell: build the operator, push it through the backend/scheme, report the outcome."""
     check_choice("operator", operator, OPERATORS)

@@ -60,3 +60,13 @@ def test_run_matrix_small_uncached():
         "attention",
     }
     assert any("ONNX Runtime" in c for c in CELLS) and any("OpenVINO" in c for c in CELLS)
+
+
+def test_dynamic_int8_with_a_float_layer_left_falls_back():
+    from torch import nn
+
+    from utils.compat import Operator, _torch_dynamic
+
+    op = Operator(lambda: nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16)), (2, 16))
+    torch.manual_seed(0)
+    assert _torch_dynamic(op.build().eval(), op) == "falls back to float"

@@ -298,3 +298,31 @@ def test_quantize_weights_and_packed_size(method, bits, per_weight):
     assert code_bytes * 8 <= n_weights * per_weight + 16
     with pytest.raises(ValueError, match="method must be one of"):
         lb.quantize_weights_(nn.Linear(2, 2), "xnor", 1)
+
+
+def _gptq_unblocked(w, h, bits, group_size, damp=0.01):
+    """Frantar et al. 2023, Alg. 1 without lazy batches: every column updates all later ones at once."""
+    W = w.double().clone()
+    H = h.double().clone() + damp * torch.diag(h.double()).mean() * torch.eye(
+        h.shape[0], dtype=torch.float64
+    )
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros_like(W, dtype=torch.long)
+    for i in range(W.shape[1]):
+        if i % group_size == 0:
+            scale, zero = lb.group_params(W[:, i : i + group_size], bits)
+        q = torch.clamp(torch.round(W[:, i] / scale) + zero, 0, 2**bits - 1)
+        codes[:, i] = q.long()
+        err = (W[:, i] - scale * (q - zero)) / U[i, i]
+        W[:, i + 1 :] -= err.unsqueeze(1) * U[i, i + 1 :].unsqueeze(0)
+    return codes
+
+
+def test_gptq_lazy_blocks_equal_the_unblocked_algorithm():
+    # 320 inputs, groups of 32: blocks of 128, 128 and 64 columns, so errors cross blocks
+    x = _correlated_inputs(600, 320)
+    torch.manual_seed(3)
+    w = torch.randn(16, 320)
+    got = lb.gptq_quantize(w, x.T @ x, 3, 32).codes
+    want = _gptq_unblocked(w, x.T @ x, 3, 32)
+    assert (got == want).float().mean() > 0.999

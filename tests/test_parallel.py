@@ -45,6 +45,7 @@ def test_throughput_measured(setup):
 def test_split_and_bad_input():
     seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     a, b = split_stages(seq, 2)
+    assert list(a) == [seq[0], seq[1]] and list(b) == [seq[2]]  # layers [:at] and [at:]
     x = torch.randn(3, 4)
     assert torch.equal(b(a(x)), seq(x))
     with pytest.raises(ValueError, match="at must be <= 2"):

@@ -1,4 +1,6 @@
-"""Mutants of ``utils/compat.py``: how a cell is judged. Not yet measured end to end."""
+"""Mutants of ``utils/compat.py``: how a cell is judged.
+
+Last run (2026-11-27): 5/5 killed (4/5 end to end, then the dynamic-INT8 one after its test was added)."""
 
 from mutate import Mutant
 

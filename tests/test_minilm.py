@@ -63,3 +63,14 @@ def test_overlong_sentence_warns_and_truncates():
     with pytest.warns(UserWarning, match="truncated"):
         batch = minilm.tokenize([long], max_length=32)
     assert batch["input_ids"].shape == (1, 32)
+
+
+def test_model_dir_override(monkeypatch, tmp_path):
+    """$COURSE_MINILM_DIR replaces the package's folder, and a folder without config.json is refused."""
+    monkeypatch.setenv(minilm.MODEL_DIR_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="COURSE_MINILM_DIR"):
+        minilm.model_dir()
+    (tmp_path / "config.json").write_text("{}")
+    assert minilm.model_dir() == tmp_path
+    monkeypatch.delenv(minilm.MODEL_DIR_ENV)
+    assert (minilm.model_dir() / "config.json").is_file()

@@ -6,6 +6,11 @@ processes is what costs time (~5 s on an idle 2-core machine), so there is only 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -65,3 +70,30 @@ def test_split_and_bad_input():
 
     with pytest.raises(ValueError, match="not its children in order"):
         as_sequential(Skip(), x)
+
+
+def test_workers_do_not_rerun_a_script_main(tmp_path):
+    """A lesson run as a script (tools/cuda_lessons.sh) must not be re-run by each spawned worker."""
+
+    script = tmp_path / "lesson.py"
+    script.write_text(
+        "import torch\n"
+        "from utils.models import LeNet300100\n"
+        "from utils.parallel import as_sequential, parallel_inference\n"
+        "print('MAIN RAN')\n"
+        "x = torch.randn(8, 1, 28, 28)\n"
+        "seq = as_sequential(LeNet300100(), x[:2])\n"
+        "r = parallel_inference(seq, x, at=3, micro_batches=2, warmup=0, repeats=1)\n"
+        "print(sorted(r.outputs))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("MAIN RAN") == 1, done.stdout
+    assert "data_parallel" in done.stdout and "pipeline" in done.stdout

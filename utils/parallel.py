@@ -18,8 +18,11 @@ processes); the caller compares the outputs with one process's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -128,6 +131,27 @@ def _worker(rank, world, model, inputs, at, micro, warmup, repeats, port, queue)
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def _workers_skip_main() -> Iterator[None]:
+    """Keep spawned workers from re-running the parent's ``__main__``.
+
+    A spawned child first imports the parent's main module (by name, or by running its
+    file). In Jupyter that is harmless, but when a lesson runs as a script (as
+    ``tools/cuda_lessons.sh`` does) the child would rerun the whole lesson and fail.
+    The workers need nothing from ``__main__`` (:func:`_worker` lives here), so the
+    main module's ``__spec__`` and ``__file__`` are hidden while the processes start.
+    """
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 def parallel_inference(
     model: nn.Sequential,
     inputs: Tensor,
@@ -163,7 +187,8 @@ def parallel_inference(
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     args = (world_size, model.cpu().eval(), inputs.cpu(), at, micro_batches, warmup, repeats)
-    procs = mp.spawn(_worker, args=(*args, _free_port(), queue), nprocs=world_size, join=False)
+    with _workers_skip_main():
+        procs = mp.spawn(_worker, args=(*args, _free_port(), queue), nprocs=world_size, join=False)
     results = {}
     finished = False
     while len(results) < 2:

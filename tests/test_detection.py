@@ -521,6 +521,49 @@ def test_feature_distillation_step_is_the_task_loss_for_a_copy():
 
 
 @pytest.mark.parametrize("task", ["detector", "segmenter"])
+def test_feature_distillation_step_adds_weighted_hint_and_kd(task):
+    """``L = L_task + β·hint + γ·KD``, each term recomputed from utils.distillation's losses."""
+    from utils.distillation import hint_loss, kd_loss
+
+    torch.manual_seed(0)
+    teacher = D.build_scene_model(task, 0.5).eval()
+    student = D.build_scene_model(task, 0.25).eval()
+    scenes = make_scenes(4, seed=1)
+    if task == "detector":
+        with torch.no_grad():  # untrained heatmaps all sit at the prior: make the teacher's differ
+            teacher.net[1][-1].bias[: D.NUM_DIGITS] = torch.linspace(-2.0, 2.0, D.NUM_DIGITS)
+        x, y = D.detector_dataset(scenes).tensors
+        s_feat, t_feat = student.net[0](x), teacher.net[0](x)
+        s_out, t_out = student(x)["heatmap"], teacher(x)["heatmap"]
+        task_loss = D.centernet_loss(student(x), y)
+        zero = torch.zeros_like
+        kd = kd_loss(  # per cell: two-class logits [0, z]
+            torch.stack([zero(s_out), s_out], -1).reshape(-1, 2),
+            torch.stack([zero(t_out), t_out], -1).reshape(-1, 2),
+            3.0,
+        )
+    else:
+        x, y = scenes.images, scenes.masks
+        s_feat = student.bottleneck(student.enc1(x))
+        t_feat = teacher.bottleneck(teacher.enc1(x))
+        s_out, t_out = student(x), teacher(x)
+        task_loss = D.weighted_cross_entropy(s_out, y)
+        kd = kd_loss(  # per pixel over the 11 classes
+            s_out.permute(0, 2, 3, 1).reshape(-1, 11),
+            t_out.permute(0, 2, 3, 1).reshape(-1, 11),
+            3.0,
+        )
+    regressor = nn.Conv2d(s_feat.shape[1], t_feat.shape[1], 1)
+    hint = hint_loss(s_feat, t_feat, regressor)
+    loss = D.feature_distillation_step(
+        student, teacher, regressor, x, y, temperature=3.0, hint_weight=0.7, kd_weight=1.9
+    )
+    expected = task_loss + 0.7 * hint + 1.9 * kd
+    assert hint.item() > 1e-3 and kd.item() > 1e-3  # both terms matter in this check
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("task", ["detector", "segmenter"])
 def test_distill_trains_the_student_only(task, one_thread):
     torch.manual_seed(0)
     teacher = D.build_scene_model(task, 0.5).eval()

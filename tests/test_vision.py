@@ -211,3 +211,40 @@ def test_latency_grid_rows_and_bad_input():
         V.latency_grid(("vgg",))
     with pytest.raises(ValueError, match="must not be empty"):
         V.latency_grid(widths=())
+
+
+@pytest.mark.parametrize("name", ["detector", "segmenter"])
+def test_compress_scene_model_stages_and_cache_key(name, monkeypatch):
+    """Without training: the distillation is keyed by the teacher's recipe, the amount and the
+    profile's distillation epochs; the stages are the teacher, its INT8 copy, the pruned and the
+    distilled student and the student's INT8 copy."""
+    D = pytest.importorskip("utils.detection")
+    from utils.scenes import make_scenes
+
+    torch.manual_seed(0)
+    teacher = D.build_scene_model(name).eval()
+    scenes = make_scenes(8, seed=0, split="train")
+    seen = {}
+
+    def fake_cache(prefix, key, build, train):
+        seen.update(prefix=prefix, key=key)
+        return build(), None, False
+
+    monkeypatch.setattr(D, "get_scene_model", lambda n, seed=0: teacher)
+    monkeypatch.setattr(D, "training_scenes", lambda n=None: scenes)
+    monkeypatch.setattr(V, "cached_state", fake_cache)
+    stages = V.compress_scene_model(name, amount=0.5)
+    recipe = D.RECIPES["fast"]
+    assert seen["prefix"] == f"ch08-{name}-distilled"
+    assert seen["key"]["teacher"] == D.scene_model_config(name)
+    assert (
+        seen["key"]["amount"] == 0.5 and seen["key"]["epochs"] == recipe[f"{name}_distill_epochs"]
+    )
+    assert V.compress_scene_model(name, amount=0.25, epochs=3) and seen["key"]["epochs"] == 3
+    assert seen["key"]["amount"] == 0.25
+    assert list(stages) == ["fp32", "int8", "pruned", "distilled", "combined"]
+    assert stages["fp32"] is teacher
+    assert count_parameters(stages["pruned"]) < count_parameters(teacher)
+    assert count_parameters(stages["distilled"]) == count_parameters(stages["pruned"])
+    for stage in ("int8", "combined"):  # quantized: no float conv weights left
+        assert not any(isinstance(m, nn.Conv2d) for m in stages[stage].modules()), stage

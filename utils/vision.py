@@ -338,7 +338,7 @@ def compress_scene_model(
     copy; ``pruned``: ``prune_scene_model(fp32, amount)`` (L1 channel pruning, no
     training); ``distilled``: the pruned network trained by feature distillation from
     ``fp32`` (``distill_detector`` / ``distill_segmenter``: FitNets hint + output KD)
-    for ``epochs`` (default: the detector's or segmenter's own epochs of the profile),
+    for ``epochs`` (default: ``RECIPES[profile][f"{name}_distill_epochs"]`` of ``utils.detection``),
     cached; ``combined``: the distilled network in static INT8. All on the CPU, eval mode.
     """
     from utils import detection as D
@@ -347,7 +347,7 @@ def compress_scene_model(
     check_float("amount", amount, 0.0, 1.0, max_inclusive=False)
     check_int("seed", seed, minimum=0)
     recipe = D.RECIPES[get_profile().name]
-    epochs = recipe[f"{name}_epochs"] if epochs is None else epochs
+    epochs = recipe[f"{name}_distill_epochs"] if epochs is None else epochs
     check_int("epochs", epochs, minimum=0)
     teacher = D.get_scene_model(name, seed=seed).cpu().eval()
     distill_fn = D.distill_detector if name == "detector" else D.distill_segmenter

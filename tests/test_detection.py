@@ -566,7 +566,7 @@ def test_feature_distillation_step_adds_weighted_hint_and_kd(task):
 @pytest.mark.parametrize("task", ["detector", "segmenter"])
 def test_distill_trains_the_student_only(task, one_thread):
     torch.manual_seed(0)
-    teacher = D.build_scene_model(task, 0.5).eval()
+    teacher = D.build_scene_model(task, 0.5)  # in train mode: distillation must freeze it, BN too
     student = D.build_scene_model(task, 0.25)
     before_t = copy.deepcopy(teacher.state_dict())
     before_s = copy.deepcopy(student.state_dict())
@@ -575,6 +575,7 @@ def test_distill_trains_the_student_only(task, one_thread):
     history = fn(teacher, student, scenes, 1)
     assert len(history) == 1 and math.isfinite(history[0]["train_loss"])
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before_t.items())
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())  # restored
     assert any(not torch.equal(v, student.state_dict()[k]) for k, v in before_s.items())
     with pytest.raises(TypeError, match="student must be"):
         fn(teacher, nn.Linear(2, 2), scenes, 1)
@@ -604,6 +605,10 @@ def test_scene_model_config_is_the_cache_key():
         seg["width"] == 0.5 and seg["seed"] == 1 and seg["background_weight"] == D.BACKGROUND_WEIGHT
     )
     assert det["epochs"] == D.RECIPES["fast"]["detector_epochs"]
+    assert seg["epochs"] == D.RECIPES["fast"]["segmenter_epochs"]
+    # a new U-Net retrains the segmenter only; its encoder's source (the detector) is in its key
+    assert seg["segmenter_version"] == D.SEGMENTER_VERSION and "segmenter_version" not in det
+    assert seg["encoder_from"] == D.scene_model_config("detector", 0.5, seed=1)
     with pytest.raises(ValueError, match="name must be one of"):
         D.scene_model_config("classifier")
 

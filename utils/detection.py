@@ -67,6 +67,9 @@ from utils.validation import (
 
 VERSION = 1
 """Part of every cache key of this module: bump it when a model or a training recipe changes."""
+SEGMENTER_VERSION = 2
+"""Part of the segmenter's cache key only: bump it when :class:`TinyUNet` or its recipe changes
+(2: decoder of ``c2`` channels, 8 epochs — the detector's cache stays valid)."""
 STRIDE = 4
 """Output stride ``R`` of :class:`TinyDetector`: one heatmap cell per ``R × R`` pixels."""
 NUM_DIGITS = 10
@@ -213,9 +216,10 @@ class TinyUNet(nn.Module):
     Encoder: ``enc1`` (one stride-2 3×3 conv-BN-ReLU, H/2) and ``bottleneck`` (a stride-2
     conv and three 3×3 convs, the last dilated, H/4) — the same layers as the backbone of
     :class:`TinyDetector`, so :func:`init_from_detector` can start from a trained detector
-    (transfer learning). Decoder: a 1×1 conv reduces the channels, ×2 nearest upsampling,
-    concatenation with ``enc1``'s map (the skip connection), two 3×3 convs (``dec1``) and a
-    1×1 ``classifier`` with ``4 · num_classes`` channels that ``PixelShuffle`` (sub-pixel
+    (transfer learning). Decoder: a 1×1 conv reduces the bottleneck's channels to ``c2``
+    (32 at width 1), ×2 nearest upsampling, concatenation with ``enc1``'s map (the skip
+    connection), two 3×3 convs of ``c2`` channels (``dec1``) and a 1×1 ``classifier`` with
+    ``4 · num_classes`` channels that ``PixelShuffle`` (sub-pixel
     convolution, Shi et al. 2016) turns into logits at full resolution — no convolution runs
     at full resolution, where thin layers are slowest. The concatenation is a
     ``FloatFunctional`` so the eager static INT8 path quantizes it. Class 0 is the
@@ -233,9 +237,11 @@ class TinyUNet(nn.Module):
         self.bottleneck = _Chain(
             *_cbr(c1, c2, stride=2), *_cbr(c2, c3), *_cbr(c3, c3), *_cbr(c3, c3, dilation=2)
         )
-        self.up1 = _Chain(*_cbr(c3, c1, kernel=1))
-        self.dec1 = _Chain(*_cbr(2 * c1, c1), *_cbr(c1, c1))
-        self.classifier = nn.Conv2d(c1, 4 * num_classes, 1)
+        # the decoder carries which digit a pixel belongs to: with c1 = 16 channels (the first
+        # design) a quarter of the digits' pixels got the wrong digit; c2 = 32 halves that
+        self.up1 = _Chain(*_cbr(c3, c2, kernel=1))
+        self.dec1 = _Chain(*_cbr(c1 + c2, c2), *_cbr(c2, c2))
+        self.classifier = nn.Conv2d(c2, 4 * num_classes, 1)
         self.shuffle = nn.PixelShuffle(2)
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.cat = torch.ao.nn.quantized.FloatFunctional()
@@ -653,14 +659,14 @@ RECIPES = {
     "fast": {
         "scenes": 1500,
         "detector_epochs": 12,
-        "segmenter_epochs": 10,
+        "segmenter_epochs": 8,
         "detector_distill_epochs": 12,
         "segmenter_distill_epochs": 5,
     },
     "full": {
         "scenes": 3500,
         "detector_epochs": 30,
-        "segmenter_epochs": 25,
+        "segmenter_epochs": 20,
         "detector_distill_epochs": 30,
         "segmenter_distill_epochs": 12,
     },
@@ -717,6 +723,7 @@ def scene_model_config(name: str, width: float = 1.0, *, seed: int = 0) -> dict:
     config = _train_config(name, float(width), recipe[f"{name}_epochs"], seed, LR[name])
     if name == "segmenter":
         config["background_weight"] = BACKGROUND_WEIGHT
+        config["segmenter_version"] = SEGMENTER_VERSION
         config["encoder_from"] = scene_model_config("detector", width, seed=seed)
     return config
 
@@ -894,8 +901,8 @@ def _distill(
     check_float("kd_weight", kd_weight, 0.0)
     device = get_device()
     example = data.tensors[0][:1]
-    with torch.no_grad(), capture_features(teacher, [teacher.hint_layer]) as tf:
-        teacher.eval()(example.to(device_of(teacher)))
+    with torch.no_grad(), frozen(teacher), capture_features(teacher, [teacher.hint_layer]) as tf:
+        teacher(example.to(device_of(teacher)))  # frozen: eval mode here, the caller's mode after
     with torch.no_grad(), capture_features(student, [student.hint_layer]) as sf:
         was = student.training
         student.eval()(example.to(device_of(student)))

@@ -2,8 +2,13 @@
 
 Run of 2026-11-27 (source as of commit 3544877): 23 of the first 24 killed; the
 survivor "map_50 read at the wrong threshold" is now killed by the IoU-0.52 case of
-test_map_per_class_mean_and_threshold_mean (checked by hand). The last three (pruning, distillation)
-were written after that snapshot and have not been run yet.
+test_map_per_class_mean_and_threshold_mean (checked by hand).
+Later run of the last three on main (186d4e5): "pruning keeps the smallest L1 channels" killed,
+both distillation mutants SURVIVED (the test summed hint and KD only as "loss > task"; the
+teacher probe left it in eval mode, so dropping ``frozen`` changed nothing a test saw).
+Now killed by test_feature_distillation_step_adds_weighted_hint_and_kd and by
+test_distill_trains_the_student_only with a train-mode teacher. Full run on branch s3ch8
+(commit 91ccb85): 27/27 killed.
 """
 
 from mutate import Mutant

@@ -8,7 +8,7 @@ both distillation mutants SURVIVED (the test summed hint and KD only as "loss > 
 teacher probe left it in eval mode, so dropping ``frozen`` changed nothing a test saw).
 Now killed by test_feature_distillation_step_adds_weighted_hint_and_kd and by
 test_distill_trains_the_student_only with a train-mode teacher. Full run on branch s3ch8
-(commit 91ccb85): 27/27 killed.
+(commit 92eb290): 27/27 killed.
 """
 
 from mutate import Mutant

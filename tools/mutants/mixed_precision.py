@@ -59,6 +59,16 @@ MUTANTS = [
     ),
     Mutant("distilled inputs never updated", Z, "            opt.step()", "            pass"),
     Mutant(
+        "bounds ignored during the steps",
+        Z,
+        "                    x.clamp_(*bounds)",
+        "                    pass",
+    ),
+    Mutant("start not clamped into bounds", Z, "        x = x.clamp(*bounds)", "        pass"),
+    Mutant(
+        "bounds order not checked", Z, "        if not bounds[0] < bounds[1]:", "        if False:"
+    ),
+    Mutant(
         "model left in train mode",
         Z,
         "        model.train(was_training)",

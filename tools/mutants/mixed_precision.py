@@ -2,7 +2,9 @@
 end to end.
 
 Last run (2026-11-27): 7/11 end to end; the two ordering mutants were then killed by a new test
-(run with ``-k``); the two BN-loss mutants have a new hand-checked test, not yet rerun."""
+(run with ``-k``); the two BN-loss mutants have a new hand-checked test, not yet rerun. The three ``bounds``
+mutants (added with ``distill_inputs(bounds=...)``) were each killed by
+``test_distill_inputs_stay_inside_bounds`` (run with ``-k bounds``, 2026-11-27)."""
 
 from mutate import Mutant
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import utils.vision as V
-from utils.benchmark import count_macs, count_parameters
+from utils.benchmark import count_macs, count_parameters, state_dict_bytes
 from utils.data import make_loader
 from utils.production import quantize_static_int8
 from utils.pruning import prune_channels
@@ -248,3 +248,5 @@ def test_compress_scene_model_stages_and_cache_key(name, monkeypatch):
     assert count_parameters(stages["distilled"]) == count_parameters(stages["pruned"])
     for stage in ("int8", "combined"):  # quantized: no float conv weights left
         assert not any(isinstance(m, nn.Conv2d) for m in stages[stage].modules()), stage
+    # "int8" is the whole teacher in INT8, "combined" the half-width student: a larger file
+    assert state_dict_bytes(stages["int8"]) > 1.5 * state_dict_bytes(stages["combined"])

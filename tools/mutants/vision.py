@@ -1,6 +1,8 @@
 """Mutants of utils/vision.py: adapted ResNet-18 / MobileNetV2, block MACs, resolution scaling.
 
 Run: ``python tools/mutate.py vision`` (score in the closing note of the change).
+Run of 2026-11-27 on branch s3ch8: the first 14 mutants 14/14 killed; the four of
+``compress_scene_model`` (added with test_compress_scene_model_stages_and_cache_key) 4/4 killed.
 """
 
 from mutate import Mutant
@@ -20,6 +22,7 @@ TESTS = [
         "test_course_pruning_and_int8_apply_to_resnet18",
         "test_classifier_config_is_the_cache_key",
         "test_predict_returns_labels",
+        "test_compress_scene_model_stages_and_cache_key",
         "test_get_classifier_trains_once_and_caches",
     )
 ]
@@ -102,6 +105,30 @@ MUTANTS = [
         F,
         '"width": width,',
         '"width": 1.0,',
+    ),
+    Mutant(
+        "scene distillation runs the teacher's epochs, not the distillation epochs",
+        F,
+        'epochs = recipe[f"{name}_distill_epochs"] if epochs is None else epochs',
+        'epochs = recipe[f"{name}_epochs"] if epochs is None else epochs',
+    ),
+    Mutant(
+        "scene distillation's cache key ignores the teacher's recipe",
+        F,
+        '"teacher": D.scene_model_config(name, seed=seed),',
+        '"teacher": name,',
+    ),
+    Mutant(
+        "scene distillation's cache key ignores the pruning amount",
+        F,
+        '        "amount": amount,\n        "epochs": epochs,',
+        '        "amount": 0.5,\n        "epochs": epochs,',
+    ),
+    Mutant(
+        "the INT8 stage quantizes the pruned student, not the teacher",
+        F,
+        '"int8": D.quantize_int8(teacher, calibration).eval(),',
+        '"int8": D.quantize_int8(build(), calibration).eval(),',
     ),
     Mutant(
         "channel check accepts any channel count",

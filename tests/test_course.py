@@ -177,3 +177,24 @@ def test_notebooks_declare_the_python3_kernel(path: Path):
     meta = load(path)["metadata"]
     assert meta.get("kernelspec", {}).get("name") == "python3"
     assert meta.get("language_info", {}).get("name") == "python"
+
+
+#: One Chinese term per concept, as d2l keeps a glossary: variant → the course's term.
+TERMS = {
+    "哈夫曼": "霍夫曼",
+    "时延": "延迟",
+    "推断": "推理",
+    "精馏": "蒸馏",
+    "权值": "权重",
+    "标定": "校准",
+}
+
+
+def test_one_term_per_concept():
+    found = []
+    for path in sorted([*ROOT.glob("lessons/*.ipynb"), *ROOT.glob("solutions/*.ipynb")]):
+        text = "".join(
+            "".join(c["source"]) for c in json.loads(path.read_text(encoding="utf-8"))["cells"]
+        )
+        found += [f"{path.name}: {v} → {t}" for v, t in TERMS.items() if v in text]
+    assert found == [], "use the course's term: " + "; ".join(found)

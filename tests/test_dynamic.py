@@ -423,3 +423,41 @@ def test_random_search_respects_budget_and_sorts(one_thread):
     assert (table[table["accuracy"].isna()]["macs"] > full // 3).all()
     assert list(evaluated["accuracy"]) == sorted(evaluated["accuracy"], reverse=True)
     assert net.width == (1.0, 1.0, 1.0)
+
+
+def test_cached_trainers_keep_their_cache_configs(monkeypatch):
+    """What names the cache file of each trainer is pinned: a refactor must not retrain
+    (``utils.cache.config_key`` hashes exactly these dicts), and no trainer may share a file."""
+    import utils.cache
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def record(name, config, build, train):
+        seen[name] = config
+        model = build()  # the architecture the cached weights must load into
+        assert isinstance(model, nn.Module) and callable(train)
+        raise Stop
+
+    monkeypatch.setattr(utils.cache, "cached_state", record)
+    for load in (
+        lambda: d.load_slimmable(epochs=3),
+        lambda: d.load_early_exit(epochs=3, seed=2),
+        lambda: d.load_fixed_width(0.5, epochs=3, lr=1e-3),
+    ):
+        with pytest.raises(Stop):
+            load()
+    common = {"epochs": 3, "version": d.VERSION}
+    assert seen == {
+        "ch10-us-cnn": {"model": "us-cnn", "seed": 0, "lr": 3e-3, **common},
+        "ch10-exit-cnn": {"model": "exit-cnn", "seed": 2, "lr": 3e-3, **common},
+        "ch10-fixed-cnn": {
+            "model": "fixed-cnn",
+            "channels": [8, 16, 32],
+            "seed": 0,
+            "lr": 1e-3,
+            **common,
+        },
+    }

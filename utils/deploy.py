@@ -989,32 +989,16 @@ def fuse_conv_bn_fx(model: nn.Module) -> fx.GraphModule:
         ) from err
     mods = dict(gm.named_modules())
     intrinsic = importlib.import_module("torch.ao.nn.intrinsic")
-    for node in list(gm.graph.nodes):  # 1. Conv + BN
-        if node.op != "call_module" or not isinstance(mods[node.target], nn.BatchNorm2d):
-            continue
-        src = node.args[0]
-        if not (isinstance(src, fx.Node) and src.op == "call_module" and _only_user(src)):
-            continue
-        if not isinstance(mods[src.target], nn.Conv2d):
-            continue
-        fused = fold_conv_bn(mods[src.target], mods[node.target])
-        _set_module(gm, src.target, fused)
-        mods[src.target] = fused
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
-    for node in list(gm.graph.nodes):  # 2. Conv + ReLU
-        if node.op != "call_module" or not isinstance(mods[node.target], nn.ReLU):
-            continue
-        src = node.args[0]
-        if not (isinstance(src, fx.Node) and src.op == "call_module" and _only_user(src)):
-            continue
-        if type(mods[src.target]) is not nn.Conv2d:
-            continue
-        fused = intrinsic.ConvReLU2d(mods[src.target], nn.ReLU())
-        _set_module(gm, src.target, fused)
-        mods[src.target] = fused
-        node.replace_all_uses_with(src)
-        gm.graph.erase_node(node)
+    _fuse_pairs(  # 1. Conv + BN
+        gm, mods, nn.BatchNorm2d, lambda m: isinstance(m, nn.Conv2d), fold_conv_bn
+    )
+    _fuse_pairs(  # 2. Conv + ReLU (a plain Conv2d only)
+        gm,
+        mods,
+        nn.ReLU,
+        lambda m: type(m) is nn.Conv2d,
+        lambda conv, _relu: intrinsic.ConvReLU2d(conv, nn.ReLU()),
+    )
     for node in list(gm.graph.nodes):  # 3. no-ops
         if node.op == "call_module" and isinstance(mods[node.target], _NOOP_MODULES):
             node.replace_all_uses_with(node.args[0])
@@ -1028,3 +1012,30 @@ def fuse_conv_bn_fx(model: nn.Module) -> fx.GraphModule:
 def _set_module(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     parent, _, name = target.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def _fuse_pairs(
+    gm: fx.GraphModule,
+    mods: dict[str, nn.Module],
+    second: type[nn.Module],
+    first_matches: Callable[[nn.Module], bool],
+    fuse: Callable[[nn.Module, nn.Module], nn.Module],
+) -> None:
+    """Fuse every module pair ``first → second`` of ``gm`` where ``first`` feeds only ``second``.
+
+    ``fuse(first, second)`` takes the place of ``first`` and the ``second`` node is removed;
+    ``mods`` (``dict(gm.named_modules())``) is kept up to date.
+    """
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(mods[node.target], second):
+            continue
+        src = node.args[0]
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and _only_user(src)):
+            continue
+        if not first_matches(mods[src.target]):
+            continue
+        fused = fuse(mods[src.target], mods[node.target])
+        _set_module(gm, src.target, fused)
+        mods[src.target] = fused
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)

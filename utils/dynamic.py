@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -775,11 +775,55 @@ def intent_splits(val_every: int = 4) -> dict[str, tuple[list[str], Tensor]]:
 # ---------------------------------------------------------------- trained once, cached
 
 
-def _mnist_training(seed: int):
-    from utils.data import load_splits, make_loader
+def _profile_epochs(epochs: int | None) -> int:
+    """``epochs``, or the profile's when ``None``; checked."""
+    from utils.config import get_profile
 
+    epochs = get_profile().epochs if epochs is None else epochs
+    check_int("epochs", epochs, minimum=1)
+    return epochs
+
+
+def _cached_mnist_model(
+    name: str,
+    config: dict,
+    make: Callable[[int, int], nn.Module],
+    *,
+    desc: str,
+    progress: bool,
+    compute_loss: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None,
+) -> nn.Module:
+    """``make(in_channels, num_classes)`` trained on MNIST-5k by :func:`utils.training.fit`, cached.
+
+    ``config`` is the cache key (:func:`utils.cache.cached_state`) and must hold ``seed``,
+    ``epochs`` and ``lr``: the seed of the split, the loader's shuffle and the initial weights.
+    """
+    from utils.cache import cached_state
+    from utils.config import seed_everything
+    from utils.data import load_splits, make_loader
+    from utils.training import fit
+
+    seed, epochs, lr = config["seed"], config["epochs"], config["lr"]
     splits = load_splits("mnist5k", seed=seed)
-    return splits, make_loader(splits.train, 64, shuffle=True, seed=seed)
+    loader = make_loader(splits.train, 64, shuffle=True, seed=seed)
+
+    def build() -> nn.Module:
+        seed_everything(seed)
+        return make(splits.input_shape[0], splits.num_classes)
+
+    def train(net: nn.Module) -> None:
+        fit(
+            net,
+            loader,
+            epochs=epochs,
+            lr=lr,
+            compute_loss=compute_loss,
+            progress=progress,
+            desc=desc,
+        )
+
+    net, _, _ = cached_state(name, config, build, train)
+    return net
 
 
 def load_slimmable(
@@ -788,31 +832,16 @@ def load_slimmable(
     """A :class:`SlimmableCNN` trained on MNIST-5k by the US-Nets recipe (sandwich rule with 4
     widths, in-place distillation), trained once and cached; at width 1.0, without recalibration.
     ``epochs`` defaults to the profile's."""
-    from utils.cache import cached_state
-    from utils.config import get_profile, seed_everything
-    from utils.training import fit
-
-    epochs = get_profile().epochs if epochs is None else epochs
-    check_int("epochs", epochs, minimum=1)
-    splits, loader = _mnist_training(seed)
+    epochs = _profile_epochs(epochs)
     config = {"model": "us-cnn", "seed": seed, "epochs": epochs, "lr": lr, "version": VERSION}
-
-    def build() -> nn.Module:
-        seed_everything(seed)
-        return SlimmableCNN(splits.input_shape[0], splits.num_classes)
-
-    def train(net: nn.Module) -> None:
-        fit(
-            net,
-            loader,
-            epochs=epochs,
-            lr=lr,
-            compute_loss=make_sandwich_loss(4, seed),
-            progress=progress,
-            desc="US-Net",
-        )
-
-    net, _, _ = cached_state("ch10-us-cnn", config, build, train)
+    net = _cached_mnist_model(
+        "ch10-us-cnn",
+        config,
+        SlimmableCNN,
+        desc="US-Net",
+        progress=progress,
+        compute_loss=make_sandwich_loss(4, seed),
+    )
     return net.set_width(MAX_WIDTH)
 
 
@@ -829,14 +858,8 @@ def load_fixed_width(
     The control of US-Nets: the same architecture at one width, with the same data, epochs and
     learning rate as :func:`load_slimmable`.
     """
-    from utils.cache import cached_state
-    from utils.config import get_profile, seed_everything
-    from utils.training import fit
-
     check_float("width", width, 0.0, 1.0, min_inclusive=False)
-    epochs = get_profile().epochs if epochs is None else epochs
-    check_int("epochs", epochs, minimum=1)
-    splits, loader = _mnist_training(seed)
+    epochs = _profile_epochs(epochs)
     channels = [active_channels(c, width) for c in SlimmableCNN.CHANNELS]
     config = {
         "model": "fixed-cnn",
@@ -846,48 +869,29 @@ def load_fixed_width(
         "lr": lr,
         "version": VERSION,
     }
-
-    def build() -> nn.Module:
-        seed_everything(seed)
-        return plain_cnn(splits.input_shape[0], splits.num_classes, channels)
-
-    def train(net: nn.Module) -> None:
-        fit(net, loader, epochs=epochs, lr=lr, progress=progress, desc=f"width {width}")
-
-    net, _, _ = cached_state("ch10-fixed-cnn", config, build, train)
-    return net
+    return _cached_mnist_model(
+        "ch10-fixed-cnn",
+        config,
+        lambda c_in, n_classes: plain_cnn(c_in, n_classes, channels),
+        desc=f"width {width}",
+        progress=progress,
+    )
 
 
 def load_early_exit(
     *, seed: int = 0, epochs: int | None = None, lr: float = 3e-3, progress: bool = False
 ) -> EarlyExitCNN:
     """An :class:`EarlyExitCNN` trained on MNIST-5k with the joint loss of all exits, cached."""
-    from utils.cache import cached_state
-    from utils.config import get_profile, seed_everything
-    from utils.training import fit
-
-    epochs = get_profile().epochs if epochs is None else epochs
-    check_int("epochs", epochs, minimum=1)
-    splits, loader = _mnist_training(seed)
+    epochs = _profile_epochs(epochs)
     config = {"model": "exit-cnn", "seed": seed, "epochs": epochs, "lr": lr, "version": VERSION}
-
-    def build() -> nn.Module:
-        seed_everything(seed)
-        return EarlyExitCNN(splits.input_shape[0], splits.num_classes)
-
-    def train(net: nn.Module) -> None:
-        fit(
-            net,
-            loader,
-            epochs=epochs,
-            lr=lr,
-            compute_loss=exit_loss(),
-            progress=progress,
-            desc="early-exit CNN",
-        )
-
-    net, _, _ = cached_state("ch10-exit-cnn", config, build, train)
-    return net
+    return _cached_mnist_model(
+        "ch10-exit-cnn",
+        config,
+        EarlyExitCNN,
+        desc="early-exit CNN",
+        progress=progress,
+        compute_loss=exit_loss(),
+    )
 
 
 # ---------------------------------------------------------------- architecture search

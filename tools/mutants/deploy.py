@@ -125,14 +125,10 @@ MUTANTS = [
         "conv.weight.detach() * scale.reshape(1, -1, 1, 1)",
     ),
     Mutant(
-        "BN folded into a conv that also feeds another node",
+        "BN folded (or ReLU fused) into a conv that also feeds another node",
         D,
-        '        if not (isinstance(src, fx.Node) and src.op == "call_module" and _only_user(src)):\n'
-        "            continue\n"
-        "        if not isinstance(mods[src.target], nn.Conv2d):",
-        '        if not (isinstance(src, fx.Node) and src.op == "call_module"):\n'
-        "            continue\n"
-        "        if not isinstance(mods[src.target], nn.Conv2d):",
+        'src.op == "call_module" and _only_user(src)):',
+        'src.op == "call_module"):',
     ),
     Mutant(
         "no-op removal misses Identity",

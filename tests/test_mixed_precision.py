@@ -152,6 +152,22 @@ def test_distill_inputs_matches_bn_statistics():
         distill_inputs(net, (1, 12, 12), num=1)
 
 
+def test_distill_inputs_stay_inside_bounds():
+    net = bn_net()  # 'real' data N(0.5, 2²): unconstrained inputs spread far beyond [-1, 2]
+    free = distill_inputs(net, (1, 12, 12), num=32, steps=50, lr=0.1)
+    assert free.min() < -1 or free.max() > 2
+    x = distill_inputs(net, (1, 12, 12), num=32, steps=50, lr=0.1, bounds=(-1.0, 2.0))
+    assert x.min() >= -1.0 and x.max() <= 2.0
+    start = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(0)).clamp(-1, 2)
+    assert bn_statistics_loss(net, x) < bn_statistics_loss(net, start)  # still optimised
+    x0 = distill_inputs(net, (1, 12, 12), num=32, steps=0, bounds=(-1.0, 2.0))
+    assert torch.equal(x0, start), "the start must be the clamped normal sample"
+    with pytest.raises(ValueError, match="bounds must satisfy lo < hi"):
+        distill_inputs(net, (1, 12, 12), bounds=(2.0, -1.0))
+    with pytest.raises(ValueError, match="bounds must be None or a tuple"):
+        distill_inputs(net, (1, 12, 12), bounds=(0.0,))
+
+
 def test_choose_bits_ranks_by_sensitivity_per_byte():
     model = mlp()  # layer "0": 256 weights, layer "2": 128 weights
     budget = weight_bytes(model, {"0": 8, "2": 4})  # room for "0" or "2" at 8 bits, not both

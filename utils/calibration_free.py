@@ -9,6 +9,14 @@ running statistics it stored during training,
     L(x) = Σ_l ‖μ_l(x) − μ_l‖₂ + ‖σ_l(x) − σ_l‖₂        (ZeroQ eq. 3)
 
 so the synthetic batch produces activations of the same ranges as real data.
+
+The BN statistics do not bound the *input*: unconstrained, the optimisation drifts to
+pixel values no image can have (on MNIST, −4 to 9 where real normalised pixels lie in
+[−0.42, 2.82]), and a 4-bit quantizer of the network's input calibrated on them is four
+times too coarse. The valid input range is known without any data (it is fixed by the
+preprocessing: pixels in [0, 1], then normalised), so :func:`distill_inputs` can project
+the inputs onto it after every step (``bounds``), as image-synthesis methods clip their
+images to the valid range.
 """
 
 from __future__ import annotations
@@ -54,10 +62,13 @@ def distill_inputs(
     steps: int = 200,
     lr: float = 0.1,
     seed: int = 0,
+    bounds: tuple[float, float] | None = None,
 ) -> Tensor:
     """``num`` synthetic inputs of ``shape`` (without the batch) that minimise
     :func:`bn_statistics_loss` (Adam, ``steps`` steps, from a standard normal start).
 
+    ``bounds=(lo, hi)``: the valid input range (e.g. the normalised values of pixels 0
+    and 1); the start and every step are clamped into it (projected gradient descent).
     The model is used in eval mode and is not changed; the result is on the model's device.
     """
     check_module("model", model)
@@ -71,9 +82,19 @@ def distill_inputs(
     check_int("steps", steps, minimum=0)
     check_float("lr", lr, 0.0, min_inclusive=False)
     check_int("seed", seed, minimum=0)
+    if bounds is not None:
+        if not isinstance(bounds, tuple) or len(bounds) != 2:
+            raise ValueError(f"bounds must be None or a tuple (lo, hi), got {bounds!r}")
+        check_float("bounds[0]", bounds[0])
+        check_float("bounds[1]", bounds[1])
+        if not bounds[0] < bounds[1]:
+            raise ValueError(f"bounds must satisfy lo < hi, got {bounds!r}")
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((num, *shape), generator=gen).to(device).requires_grad_(True)
+    x = torch.randn((num, *shape), generator=gen)
+    if bounds is not None:
+        x = x.clamp(*bounds)
+    x = x.to(device).requires_grad_(True)
     was_training = model.training
     model.eval()
     params = [p.requires_grad for p in model.parameters()]
@@ -85,6 +106,9 @@ def distill_inputs(
             opt.zero_grad()
             bn_statistics_loss(model, x).backward()
             opt.step()
+            if bounds is not None:
+                with torch.no_grad():
+                    x.clamp_(*bounds)
     finally:
         for p, flag in zip(model.parameters(), params, strict=True):
             p.requires_grad_(flag)

@@ -2,7 +2,9 @@
 end to end.
 
 Last run (2026-11-27): 7/11 end to end; the two ordering mutants were then killed by a new test
-(run with ``-k``); the two BN-loss mutants have a new hand-checked test, not yet rerun."""
+(run with ``-k``); the two BN-loss mutants have a new hand-checked test, not yet rerun. The three ``bounds``
+mutants (added with ``distill_inputs(bounds=...)``) were each killed by
+``test_distill_inputs_stay_inside_bounds`` (run with ``-k bounds``, 2026-11-27)."""
 
 from mutate import Mutant
 
@@ -58,6 +60,16 @@ MUTANTS = [
         "bn.running_var)\n        )",
     ),
     Mutant("distilled inputs never updated", Z, "            opt.step()", "            pass"),
+    Mutant(
+        "bounds ignored during the steps",
+        Z,
+        "                    x.clamp_(*bounds)",
+        "                    pass",
+    ),
+    Mutant("start not clamped into bounds", Z, "        x = x.clamp(*bounds)", "        pass"),
+    Mutant(
+        "bounds order not checked", Z, "        if not bounds[0] < bounds[1]:", "        if False:"
+    ),
     Mutant(
         "model left in train mode",
         Z,

@@ -1,7 +1,8 @@
 """Mutants of utils/nlp.py: metrics, alignment, INT8 choice, head importance and pruning, student.
 
-Not yet run through `make mutate MODULES=nlp`: the shared 2-core machine was saturated
-when this was written.
+Not yet run as a whole through `make mutate MODULES=nlp`: the shared 2-core machine was
+saturated when this was written. The eight mutants of the sensitivity scan, the keep-float
+walk and the fused ONNX graph were run one by one (`tools/mutate.py nlp -k …`): 8/8 killed.
 """
 
 from mutate import Mutant

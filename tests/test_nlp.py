@@ -194,6 +194,99 @@ def test_onnx_runtime_int8_matches_fp32(model, short_batch, tmp_cache):
     assert integer_matmuls(kept) == integer_matmuls(q.path) - 7
 
 
+@pytest.fixture(scope="module")
+def scan(model, short_batch):
+    key = nlp.weights_key(model)
+    sens = nlp.int8_sensitivity(model, short_batch)
+    assert nlp.weights_key(model) == key, "the scan left a layer quantized"
+    return sens
+
+
+def test_sensitivity_scan_swaps_in_place_and_restores(model, short_batch, scan):
+    sens = scan
+    assert list(sens) == nlp.linear_names(model)
+    assert not any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
+    ref = nlp.embed_batch(model, short_batch)
+    for name in nlp.linear_names(model)[::13]:  # the definition: a copy with only that layer INT8
+        q = nlp.quantize_dynamic_int8(model, only=[name])
+        expected = 1.0 - nlp.cosine_to_reference(nlp.embed_batch(q, short_batch), ref)[0]
+        assert sens[name] == pytest.approx(expected, abs=1e-6)
+    assert max(sens.values()) > 10 * min(sens.values()), "no layer stands out"
+
+
+def test_keep_float_walk_matches_quantizing_from_scratch(model, short_batch, scan):
+    sens = scan
+    order = sorted(sens, key=sens.get, reverse=True)
+    ref = nlp.embed_batch(model, short_batch)
+    # a target reached with the two most sensitive layers kept, not with one
+    one, two = (
+        nlp.cosine_to_reference(
+            nlp.embed_batch(nlp.quantize_dynamic_int8(model, keep_float=order[:n]), short_batch),
+            ref,
+        )[0]
+        for n in (1, 2)
+    )
+    assert two > one
+    target = (one + two) / 2
+    walked = nlp.keep_float_for_target(model, short_batch, sens, target=target)
+    calls = []
+
+    def from_scratch(keep):
+        calls.append(list(keep))
+        return nlp.quantize_dynamic_int8(model, keep_float=keep)
+
+    generic = nlp.keep_float_for_target(
+        model, short_batch, sens, target=target, quantize=from_scratch
+    )
+    assert walked == generic == order[:2]
+    assert calls == [[], order[:1], order[:2]]
+    assert nlp.keep_float_for_target(model, short_batch, sens, target=0.0) == []
+    with pytest.raises(TypeError, match="quantize"):
+        nlp.keep_float_for_target(model, short_batch, sens, quantize="ort")
+    with pytest.raises(ValueError, match="sensitivity"):
+        nlp.keep_float_for_target(model, short_batch, {"nope": 1.0})
+
+
+@pytest.fixture(scope="module")
+def onnx_export(model, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COURSE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield nlp.export_onnx(model, "test-minilm")
+
+
+def test_fused_graph_matches_and_quantizes_attention(model, short_batch, onnx_export):
+    import onnx
+
+    def ops(path):
+        return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+    fused = nlp.ort_fuse(onnx_export, "test-minilm-fused")
+    assert ops(fused).count("Attention") == 6 and "Softmax" not in ops(fused)
+    assert ops(fused).count("MatMul") == 18  # attention output and the two FFN layers
+    ref = nlp.embed_batch(model, short_batch)
+    plain = nlp.embed_batch(nlp.OrtEncoder(onnx_export, threads=1), short_batch)
+    same = nlp.embed_batch(nlp.OrtEncoder(fused, threads=1), short_batch)
+    assert (same - plain).abs().max() < 1e-4, "fusion changed the function"
+    q = nlp.ort_int8(fused, "test-minilm-fused-int8")
+    assert ops(q).count("QAttention") == 6 and ops(q).count("MatMulInteger") == 18
+    mean8, _ = nlp.cosine_to_reference(
+        nlp.embed_batch(nlp.OrtEncoder(q, threads=1), short_batch), ref
+    )
+    assert 0.95 < mean8 < 0.99999
+    names = nlp.linear_names(model)
+    qkv = [n for n in names if n.startswith("encoder.layer.0.attention.self.")]
+    ffn = "encoder.layer.2.output.dense"
+    nodes = nlp.onnx_nodes_for(fused, model, [*qkv, ffn])
+    assert len(qkv) == 3 and len(nodes) == 2, "Q, K and V of a layer share one Attention node"
+    kept = nlp.ort_int8(fused, "test-minilm-fused-int8", exclude_nodes=nodes)
+    assert ops(kept).count("QAttention") == 5 and ops(kept).count("MatMulInteger") == 17
+    with pytest.raises(ValueError, match="hidden_size"):
+        nlp.ort_fuse(onnx_export, "bad", num_heads=5)
+    with pytest.raises(ValueError, match="num_heads"):
+        nlp.ort_fuse(onnx_export, "bad", num_heads=0)
+
+
 # ------------------------------------------------------------------ heads and pruning
 def test_prune_heads_removes_weights_and_equals_zeroed_heads(model, short_batch):
     drop = {0: [1, 5], 3: [0]}

@@ -482,16 +482,45 @@ def quantize_dynamic_int8(
         )
 
 
+def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at submodule ``name`` of ``model``; return the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def _dynamic_int8_linear(layer: nn.Linear) -> nn.Module:
+    """One Linear as ``quantize_dynamic`` makes it (per-channel weights), without copying the model."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    float_layer = copy.deepcopy(layer).cpu()
+    float_layer.qconfig = per_channel_dynamic_qconfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DynamicLinear.from_float(float_layer)
+
+
+@torch.inference_mode()
 def int8_sensitivity(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
     """Per Linear layer, ``1 − mean cosine`` to FP32 when only that layer is INT8 (on ``batch``).
 
-    The layers whose error is largest are the ones to keep in float.
+    Each layer is swapped for its dynamic INT8 version in place and swapped back (the
+    model is unchanged afterwards). The layers whose error is largest are the ones to keep
+    in float.
     """
-    ref = embed_batch(model, batch)
+    check_module("model", model)
+    base = model if _device(model).type == "cpu" else copy.deepcopy(model).cpu()
+    ref = embed_batch(base, batch)
     out = {}
-    for name in linear_names(model):
-        emb = embed_batch(quantize_dynamic_int8(model, only=[name]), batch)
-        out[name] = 1.0 - cosine_to_reference(emb, ref)[0]
+    for name in linear_names(base):
+        layer = _swap(base, name, _dynamic_int8_linear(base.get_submodule(name)))
+        try:
+            out[name] = 1.0 - cosine_to_reference(embed_batch(base, batch), ref)[0]
+        finally:
+            _swap(base, name, layer)
     return out
 
 
@@ -501,18 +530,37 @@ def keep_float_for_target(
     sensitivity: dict[str, float],
     *,
     target: float = 0.99,
+    quantize: Callable[[list[str]], Encoder] | None = None,
 ) -> list[str]:
     """The fewest most-sensitive layers to keep FP32 so that INT8's mean cosine on ``batch`` ≥ ``target``.
 
     Walks down the sensitivity ranking of :func:`int8_sensitivity`, keeping one more layer
-    in float each step (at most all of them).
+    in float each step (at most all of them). ``quantize(keep)`` builds the INT8 encoder
+    with the layers ``keep`` in float; the default is PyTorch's
+    ``quantize_dynamic_int8(model, keep_float=keep)``, walked on one quantized copy
+    that gets one float layer back per step (dynamic INT8 quantizes each layer on its
+    own, so it is the same model). Another backend passes its own, e.g. ONNX Runtime.
     """
+    check_module("model", model)
     check_float("target", target, 0.0, 1.0)
+    if quantize is not None and not callable(quantize):
+        raise TypeError(f"quantize must be a callable of the kept layer names, got {quantize!r}")
     ref = embed_batch(model, batch)
     order = sorted(sensitivity, key=sensitivity.get, reverse=True)
+    unknown = [n for n in order if n not in linear_names(model)]
+    if unknown:
+        raise ValueError(
+            f"sensitivity must name Linear layers of the model, unknown: {unknown[:3]}"
+        )
+    q = quantize_dynamic_int8(model) if quantize is None else None
     for keep in range(len(order) + 1):
-        q = quantize_dynamic_int8(model, keep_float=order[:keep])
-        if cosine_to_reference(embed_batch(q, batch), ref)[0] >= target:
+        if quantize is None:
+            if keep:  # the next most sensitive layer back to float
+                _swap(q, order[keep - 1], copy.deepcopy(model.get_submodule(order[keep - 1])).cpu())
+            encoder = q
+        else:
+            encoder = quantize(order[:keep])
+        if cosine_to_reference(embed_batch(encoder, batch), ref)[0] >= target:
             return order[:keep]
     return order
 
@@ -588,11 +636,21 @@ def export_onnx(model: nn.Module, name: str) -> Path:
     return path
 
 
-def onnx_nodes_for(path: Path, model: nn.Module, names: Sequence[str]) -> list[str]:
-    """The MatMul node of the exported encoder at ``path`` that computes each named Linear layer.
+def _holds_weight(init: np.ndarray, w_t: np.ndarray) -> bool:
+    """Whether initializer ``init`` is ``w_t`` or holds it as a column block (a fused QKV weight)."""
+    rows, cols = w_t.shape
+    if init.shape[0] != rows or init.shape[1] % cols:
+        return False
+    return any(np.array_equal(init[:, c : c + cols], w_t) for c in range(0, init.shape[1], cols))
 
-    Matched by value (the node's weight initializer equals the layer's ``W^T``), so it does
-    not depend on the exporter's names; used to keep the sensitive layers float in ONNX Runtime.
+
+def onnx_nodes_for(path: Path, model: nn.Module, names: Sequence[str]) -> list[str]:
+    """The node of the exported encoder at ``path`` that computes each named Linear layer.
+
+    Matched by value, so it does not depend on the exporter's names: a ``MatMul`` whose
+    weight initializer equals the layer's ``W^T``, or in a fused graph (:func:`ort_fuse`)
+    the ``Attention`` node whose packed ``[W_q^T | W_k^T | W_v^T]`` holds it. Q, K and V of
+    one layer share that node, so it is listed once. Used to keep sensitive layers float.
     """
     import onnx
     from onnx import numpy_helper
@@ -600,26 +658,79 @@ def onnx_nodes_for(path: Path, model: nn.Module, names: Sequence[str]) -> list[s
     graph = onnx.load(str(path)).graph
     weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer if len(i.dims) == 2}
     modules = dict(model.named_modules())
-    out = []
+    out: list[str] = []
     for name in names:
         if name not in modules or not isinstance(modules[name], nn.Linear):
             raise ValueError(f"names must be Linear layers of the model, got {name!r}")
         w_t = modules[name].weight.detach().cpu().numpy().T
-        inits = [k for k, v in weights.items() if v.shape == w_t.shape and np.array_equal(v, w_t)]
-        nodes = [n.name for n in graph.node if n.op_type == "MatMul" and set(n.input) & set(inits)]
+        inits = {k for k, v in weights.items() if _holds_weight(v, w_t)}
+        nodes = [
+            n.name
+            for n in graph.node
+            if n.op_type in ("MatMul", "Attention") and set(n.input[:2]) & inits
+        ]
         if len(nodes) != 1:
-            raise ValueError(f"found {len(nodes)} MatMul nodes for {name!r} in {path.name}")
-        out.append(nodes[0])
+            raise ValueError(
+                f"found {len(nodes)} MatMul/Attention nodes for {name!r} in {path.name}"
+            )
+        if nodes[0] not in out:
+            out.append(nodes[0])
     return out
+
+
+def ort_fuse(fp32_path: Path, name: str, *, num_heads: int = 12, hidden_size: int = 384) -> Path:
+    """ONNX Runtime's transformer graph optimizer on an exported BERT-style encoder, once.
+
+    ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert")`` fuses each
+    layer's Q/K/V projections, scaled dot product, softmax and context into one
+    ``Attention`` node, ``Add + LayerNorm`` into ``SkipLayerNormalization``, the FFN's
+    bias + GELU into ``BiasGelu`` and the embeddings into ``EmbedLayerNormalization``:
+    the same function in fewer, larger kernels (and a fused QKV weight that
+    :func:`ort_int8` can quantize as ``QAttention``).
+    """
+    import hashlib
+
+    from onnxruntime.transformers import optimizer
+
+    check_type("name", name, str)
+    check_int("num_heads", num_heads, minimum=1)
+    check_int("hidden_size", hidden_size, minimum=1)
+    if hidden_size % num_heads:
+        raise ValueError(
+            f"hidden_size must be a multiple of num_heads, got {hidden_size} and {num_heads}"
+        )
+    key = hashlib.sha256(f"{fp32_path.name}|{num_heads}|{hidden_size}".encode())
+    path = cache_dir() / f"{name}-{key.hexdigest()[:12]}.onnx"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp.onnx")
+        fused = optimizer.optimize_model(
+            str(fp32_path),
+            model_type="bert",
+            num_heads=num_heads,
+            hidden_size=hidden_size,
+            opt_level=0,  # only the transformer fusions; the session applies its own at load
+        )
+        if not fused.get_fused_operator_statistics().get("Attention"):
+            raise ValueError(
+                f"no attention was fused in {fp32_path.name}: is it a BERT-style encoder "
+                f"with num_heads={num_heads}, hidden_size={hidden_size}?"
+            )
+        fused.save_model_to_file(str(tmp))
+        tmp.replace(path)
+    return path
 
 
 def ort_int8(fp32_path: Path, name: str, *, exclude_nodes: Sequence[str] = ()) -> Path:
     """ONNX Runtime dynamic INT8 (``quantize_dynamic``, per-channel weights), once per input and exclusions.
 
-    ``exclude_nodes`` are MatMul node names kept in float (the sensitive layers).
+    Quantizes every ``MatMul`` (→ ``MatMulInteger``) and, in a graph fused by
+    :func:`ort_fuse`, every ``Attention`` (→ ``QAttention``, its packed QKV weight per
+    column). ``exclude_nodes`` are node names kept in float (the sensitive layers,
+    :func:`onnx_nodes_for`).
     """
     import hashlib
 
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     key = hashlib.sha256(("|".join([fp32_path.name, *sorted(exclude_nodes)])).encode())
@@ -631,8 +742,10 @@ def ort_int8(fp32_path: Path, name: str, *, exclude_nodes: Sequence[str] = ()) -
             str(tmp),
             per_channel=True,
             weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul"],
+            op_types_to_quantize=["MatMul", "Attention"],
             nodes_to_exclude=list(exclude_nodes),
+            # fused contrib ops (SkipLayerNormalization …) defeat ONNX shape inference
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
         tmp.replace(path)
     return path

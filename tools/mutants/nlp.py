@@ -1,7 +1,8 @@
 """Mutants of utils/nlp.py: metrics, alignment, INT8 choice, head importance and pruning, student.
 
-Not yet run through `make mutate MODULES=nlp`: the shared 2-core machine was saturated
-when this was written.
+Not yet run as a whole through `make mutate MODULES=nlp`: the shared 2-core machine was
+saturated when this was written. The eight mutants of the sensitivity scan, the keep-float
+walk and the fused ONNX graph were run one by one (`tools/mutate.py nlp -k …`): 8/8 killed.
 """
 
 from mutate import Mutant
@@ -107,6 +108,55 @@ MUTANTS = [
         F,
         "mse = ((student_states - teacher_states) ** 2 * mask).sum()",
         "mse = ((student_states - teacher_states) ** 2).sum()",
+    ),
+    # sensitivity scan, keep-float walk, fused ONNX graph
+    Mutant(
+        "scan leaves each layer quantized",
+        F,
+        "        finally:\n            _swap(base, name, layer)",
+        "        finally:\n            pass",
+    ),
+    Mutant(
+        "scan quantizes per tensor",
+        F,
+        "    float_layer.qconfig = per_channel_dynamic_qconfig",
+        "    float_layer.qconfig = torch.ao.quantization.default_dynamic_qconfig",
+    ),
+    Mutant(
+        "walk restores the wrong layer",
+        F,
+        "_swap(q, order[keep - 1], copy.deepcopy(model.get_submodule(order[keep - 1])).cpu())",
+        "_swap(q, order[-keep], copy.deepcopy(model.get_submodule(order[-keep])).cpu())",
+    ),
+    Mutant(
+        "walk stops one layer late",
+        F,
+        "            return order[:keep]\n    return order",
+        "            return order[: keep + 1]\n    return order",
+    ),
+    Mutant(
+        "fused QKV weight not searched",
+        F,
+        "return any(np.array_equal(init[:, c : c + cols], w_t) for c in range(0, init.shape[1], cols))",
+        "return np.array_equal(init, w_t)",
+    ),
+    Mutant(
+        "Q, K and V listed three times",
+        F,
+        "        if nodes[0] not in out:\n            out.append(nodes[0])",
+        "        out.append(nodes[0])",
+    ),
+    Mutant(
+        "attention left in float",
+        F,
+        'op_types_to_quantize=["MatMul", "Attention"],',
+        'op_types_to_quantize=["MatMul"],',
+    ),
+    Mutant(
+        "heads not checked against hidden size",
+        F,
+        "    if hidden_size % num_heads:",
+        "    if False:",
     ),
     # measurement input
     Mutant(
